@@ -1,0 +1,323 @@
+"""YAML configuration, validated on load into typed objects. Errors name the key path.
+
+Schema (every key optional; see configs/*.yaml for commented examples)::
+
+    model: builtin:squeezenet1.1      # or a path to any ONNX file (relative to the config file)
+    clusters: auto                    # detect from sysfs, or a mapping name -> {cores: [..], speed: s}
+    emulate_big_little:               # only with clusters: auto on a host with ONE kind of core:
+      little_speed: 0.5               #   split the cores into a big half and an emulated little half
+    planner: {max_stages: 4, tie_tolerance: 0.02, allow_replicas: true, max_cut_tensors: 1, forced_cuts: null}
+    profile: {repeats: 30, warmup: 5, cache: true, cache_dir: null, measure: true}
+    transport: {kind: ipc, host: 127.0.0.1, hwm: 2}
+    server: {bind: tcp://127.0.0.1:5555, max_inflight: 8, max_pending: 64}
+    emulation: {period_ms: null}
+    input: {size: 224, resize: 256, mean: [...], std: [...], channel_order: RGB, layout: NCHW, labels: null, top_k: 5}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+from hetsched.errors import ConfigError
+
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str
+    cores: tuple[int, ...]
+    speed: float | None = None  # emulated fraction of cycles; None = run at the core's own speed
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    max_stages: int | None = 4
+    tie_tolerance: float = 0.02
+    allow_replicas: bool = True
+    max_cut_tensors: int = 1
+    forced_cuts: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    repeats: int = 30
+    warmup: int = 5
+    cache: bool = True
+    cache_dir: str | None = None
+    measure: bool = True
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    kind: str = "ipc"  # ipc | tcp
+    host: str = "127.0.0.1"
+    hwm: int = 2
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    bind: str = DEFAULT_BIND
+    max_inflight: int = 8
+    max_pending: int = 64
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    size: int = 224
+    resize: int = 256
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    scale: float = 1.0 / 255.0
+    channel_order: str = "RGB"
+    layout: str = "NCHW"
+    labels: str | None = None
+    top_k: int = 5
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str = "builtin:squeezenet1.1"
+    clusters: tuple[ClusterConfig, ...] | None = None  # None = auto
+    little_speed: float | None = None  # emulate_big_little.little_speed
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    emulation_period_ms: float | None = None
+    path: str | None = None
+
+    def with_overrides(self, **kw: Any) -> "Config":
+        return dataclasses.replace(self, **kw)
+
+
+def _expect(value: Any, types: type | tuple, key: str, what: str) -> Any:
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise ConfigError(f"{key}: expected {what}, got {value!r}")
+    if not isinstance(value, types):
+        raise ConfigError(f"{key}: expected {what}, got {value!r}")
+    return value
+
+
+def _section(raw: Mapping, key: str, cls: type, converters: Mapping[str, Any]) -> Any:
+    sec = raw.get(key)
+    if sec is None:
+        return cls()
+    _expect(sec, dict, key, "a mapping")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(sec) - known)
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in sec.items():
+        conv = converters.get(name)
+        kwargs[name] = conv(value, f"{key}.{name}") if conv else value
+    return cls(**kwargs)
+
+
+def _int(lo: int | None = None) -> Any:
+    def conv(v: Any, key: str) -> int:
+        _expect(v, int, key, "an integer")
+        if lo is not None and v < lo:
+            raise ConfigError(f"{key}: must be >= {lo}, got {v}")
+        return v
+    return conv
+
+
+def _opt_int(lo: int) -> Any:
+    def conv(v: Any, key: str) -> int | None:
+        return None if v is None else _int(lo)(v, key)
+    return conv
+
+
+def _float(lo: float, hi: float) -> Any:
+    def conv(v: Any, key: str) -> float:
+        _expect(v, (int, float), key, "a number")
+        if not lo <= v <= hi:
+            raise ConfigError(f"{key}: must be between {lo} and {hi}, got {v}")
+        return float(v)
+    return conv
+
+
+def _bool(v: Any, key: str) -> bool:
+    return _expect(v, bool, key, "true or false")
+
+
+def _str(v: Any, key: str) -> str:
+    return _expect(v, str, key, "a string")
+
+
+def _opt_str(v: Any, key: str) -> str | None:
+    return None if v is None else _str(v, key)
+
+
+def _choice(*options: str) -> Any:
+    def conv(v: Any, key: str) -> str:
+        _expect(v, str, key, "a string")
+        if v not in options:
+            raise ConfigError(f"{key}: must be one of {', '.join(options)}, got {v!r}")
+        return v
+    return conv
+
+
+def _triple(v: Any, key: str) -> tuple[float, float, float]:
+    _expect(v, list, key, "a list of 3 numbers")
+    if len(v) != 3:
+        raise ConfigError(f"{key}: expected 3 numbers, got {len(v)}")
+    return tuple(float(_expect(x, (int, float), f"{key}[{i}]", "a number")) for i, x in enumerate(v))
+
+
+def _cuts(v: Any, key: str) -> tuple[int, ...] | None:
+    if v is None:
+        return None
+    _expect(v, list, key, "a list of boundary indices")
+    return tuple(_int(1)(x, f"{key}[{i}]") for i, x in enumerate(v))
+
+
+def _clusters(raw: Any, key: str) -> tuple[ClusterConfig, ...] | None:
+    if raw is None or raw == "auto":
+        return None
+    if isinstance(raw, str):
+        raise ConfigError(f"{key}: expected 'auto' or a mapping of cluster name -> {{cores: [...]}}, got {raw!r}")
+    _expect(raw, dict, key, "'auto' or a mapping of clusters")
+    if not raw:
+        raise ConfigError(f"{key}: at least one cluster is needed")
+    out = []
+    seen: dict[int, str] = {}
+    for name, spec in raw.items():
+        ck = f"{key}.{name}"
+        _expect(spec, dict, ck, "a mapping with 'cores'")
+        unknown = sorted(set(spec) - {"cores", "speed"})
+        if unknown:
+            raise ConfigError(f"{ck}.{unknown[0]}: unknown key (known: cores, speed)")
+        if "cores" not in spec:
+            raise ConfigError(f"{ck}.cores: missing (a list of CPU ids)")
+        cores = _expect(spec["cores"], list, f"{ck}.cores", "a list of CPU ids")
+        if not cores:
+            raise ConfigError(f"{ck}.cores: empty")
+        for i, c in enumerate(cores):
+            _int(0)(c, f"{ck}.cores[{i}]")
+            if c in seen:
+                raise ConfigError(f"{ck}.cores[{i}]: core {c} is already in cluster {seen[c]!r}")
+            seen[c] = str(name)
+        speed = spec.get("speed")
+        if speed is not None:
+            speed = _float(0.05, 1.0)(speed, f"{ck}.speed")
+            if speed == 1.0:
+                speed = None
+        out.append(ClusterConfig(str(name), tuple(cores), speed))
+    return tuple(out)
+
+
+def parse_config(raw: Any, path: str | None = None) -> Config:
+    if raw is None:
+        raw = {}
+    _expect(raw, dict, "<top level>", "a mapping")
+    known = {"model", "clusters", "emulate_big_little", "planner", "profile", "transport", "server", "input", "emulation"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+    model = _str(raw.get("model", "builtin:squeezenet1.1"), "model")
+    if path and not model.startswith("builtin:") and not os.path.isabs(model):
+        model = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), model))
+    clusters = _clusters(raw.get("clusters", "auto"), "clusters")
+    little = None
+    ebl = raw.get("emulate_big_little")
+    if ebl is not None:
+        _expect(ebl, dict, "emulate_big_little", "a mapping with little_speed")
+        unknown = sorted(set(ebl) - {"little_speed"})
+        if unknown:
+            raise ConfigError(f"emulate_big_little.{unknown[0]}: unknown key (known: little_speed)")
+        little = _float(0.05, 1.0)(ebl.get("little_speed", 0.5), "emulate_big_little.little_speed")
+        if clusters is not None:
+            raise ConfigError("emulate_big_little: only valid with clusters: auto (give 'speed' per cluster instead)")
+    planner = _section(raw, "planner", PlannerConfig, {
+        "max_stages": _opt_int(1), "tie_tolerance": _float(0.0, 1.0), "allow_replicas": _bool,
+        "max_cut_tensors": _int(1), "forced_cuts": _cuts})
+    profile = _section(raw, "profile", ProfileConfig, {
+        "repeats": _int(3), "warmup": _int(0), "cache": _bool, "cache_dir": _opt_str, "measure": _bool})
+    transport = _section(raw, "transport", TransportConfig, {
+        "kind": _choice("ipc", "tcp"), "host": _str, "hwm": _int(1)})
+    server = _section(raw, "server", ServerConfig, {
+        "bind": _str, "max_inflight": _int(1), "max_pending": _int(1)})
+    inp = _section(raw, "input", InputConfig, {
+        "size": _int(8), "resize": _int(8), "mean": _triple, "std": _triple, "scale": _float(0.0, 1e6),
+        "channel_order": _choice("RGB", "BGR"), "layout": _choice("NCHW", "NHWC"),
+        "labels": _opt_str, "top_k": _int(1)})
+    if inp.labels and path and not os.path.isabs(inp.labels):
+        inp = dataclasses.replace(inp, labels=os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), inp.labels)))
+    emu = raw.get("emulation") or {}
+    _expect(emu, dict, "emulation", "a mapping")
+    period = emu.get("period_ms")
+    if period is not None:
+        period = _float(0.1, 100.0)(period, "emulation.period_ms")
+    return Config(model=model, clusters=clusters, little_speed=little, planner=planner, profile=profile,
+                  transport=transport, server=server, input=inp, emulation_period_ms=period, path=path)
+
+
+def load_config(path: str) -> Config:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            raw = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        return parse_config(raw, path)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _online_cpus() -> set[int]:
+    try:
+        from hetsched.topology import parse_cpulist
+        with open("/sys/devices/system/cpu/online", encoding="utf-8") as fh:
+            return set(parse_cpulist(fh.read()))
+    except (OSError, ImportError, ValueError):
+        return set(range(os.cpu_count() or 1))
+
+
+def resolve_clusters(cfg: Config, topology, existing: set[int] | None = None,
+                     allowed: set[int] | None = None) -> list:
+    """The clusters to run on: from the config's explicit lists, or the detected topology.
+
+    Returns ``hetsched.topology.Cluster`` objects, fastest first as configured, with
+    ``emulated_speed`` set where the config asks for emulation. Core ids are checked against the
+    host (``existing``) and the process's allowed CPU set (``allowed``); errors name the key.
+    """
+    from hetsched.topology import Cluster, format_cpulist
+
+    allowed = set(os.sched_getaffinity(0)) if allowed is None else set(allowed)
+    existing = _online_cpus() | allowed if existing is None else set(existing)
+    if cfg.clusters is None:
+        clusters = list(topology.clusters)
+        if cfg.little_speed is not None and len(clusters) == 1:
+            cores = clusters[0].cores
+            if len(cores) < 2:
+                raise ConfigError("emulate_big_little: needs at least 2 allowed cores, host has "
+                                  f"{format_cpulist(cores)}")
+            half = (len(cores) + 1) // 2
+            base = clusters[0]
+            clusters = [Cluster("big", tuple(cores[:half]), 1.0, base.capacity, base.max_freq_khz),
+                        Cluster("little", tuple(cores[half:]), cfg.little_speed, base.capacity, base.max_freq_khz,
+                                emulated_speed=cfg.little_speed)]
+        return clusters
+    out = []
+    host = format_cpulist(sorted(existing))
+    for cc in cfg.clusters:
+        for i, core in enumerate(cc.cores):
+            if core not in existing:
+                raise ConfigError(f"clusters.{cc.name}.cores[{i}]: core {core} does not exist on this host ({host})")
+            if core not in allowed:
+                raise ConfigError(f"clusters.{cc.name}.cores[{i}]: core {core} is outside this process's allowed "
+                                  f"CPU set ({format_cpulist(sorted(allowed))})")
+        out.append(Cluster(cc.name, tuple(cc.cores), cc.speed if cc.speed is not None else 1.0,
+                           emulated_speed=cc.speed))
+    return out

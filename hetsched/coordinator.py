@@ -1,0 +1,479 @@
+"""The coordinator's runtime half: start one pinned worker per stage replica, wire them with
+ZeroMQ, feed frames, collect results, keep every frame in flight, stop everything cleanly.
+
+Data path (one host, ipc:// in a private run directory; tcp:// when configured)::
+
+    coordinator PUSH --> stage 0 replicas (PULL, bound) --PUSH--> stage 1 replicas ... --PUSH--> coordinator PULL
+
+Each replica binds its own input, and every upstream sender connects to all replicas of the next
+stage, so PUSH deals frames to replicas whose queue has room. High-water marks bound every queue:
+a slow stage back-pressures the ones before it, and the coordinator's in-flight window bounds
+the rest. Control (READY/CONNECT/RUNNING handshake, STATS heartbeats, STOP) uses a separate
+ROUTER socket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import onnx
+import zmq
+
+from hetsched.errors import HetschedError, ProtocolError, ShapeMismatch, WorkerDied
+from hetsched.graph import ModelGraph, TensorInfo, extract_stage, passthrough_names
+from hetsched.planner import Plan
+from hetsched.stage_protocol import Hop, control, decode_header, encode_header, parse_control, views
+
+log = logging.getLogger(__name__)
+
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+             "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int32)": "int32",
+             "tensor(int64)": "int64", "tensor(bool)": "bool"}
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+@dataclass
+class FrameResult:
+    frame_id: int
+    outputs: list[np.ndarray]
+    hops: tuple[Hop, ...]
+    t_submit: float
+    t_done: float
+    tag: Any = None
+    error: str | None = None
+    code: str | None = None
+
+    @property
+    def latency_ms(self) -> float:
+        return (self.t_done - self.t_submit) * 1000.0
+
+
+@dataclass
+class _InFlight:
+    frames: list[Any]
+    t_submit: float
+    tag: Any
+
+
+@dataclass
+class WorkerHandle:
+    stage: int
+    replica: int
+    cores: tuple[int, ...]
+    threads: int
+    process: Any
+    identity: bytes
+    endpoint: str | None = None
+    ready: dict | None = None
+    stats: dict = field(default_factory=dict)
+    last_seen: float = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+
+def _ort_shape_ok(reported: dict, expected: TensorInfo) -> bool:
+    shape = reported["shape"]
+    if len(shape) != len(expected.shape):
+        return False
+    for got, want in zip(shape, expected.shape):
+        if isinstance(got, int) and got != want:
+            return False
+    return ORT_TYPES.get(reported["type"]) == expected.dtype
+
+
+class Pipeline:
+    """A running pipeline for one plan. Use as a context manager, or start() / stop()."""
+
+    def __init__(self, model: onnx.ModelProto, graph: ModelGraph, plan: Plan, *, transport: str = "ipc",
+                 host: str = "127.0.0.1", hwm: int = 2, max_inflight: int | None = None,
+                 start_timeout: float = 60.0, stats_interval: float = 0.5, spinning: bool = False,
+                 run_dir: str | None = None):
+        self.model, self.graph, self.plan = model, graph, plan
+        self.transport, self.host, self.hwm = transport, host, hwm
+        n_workers = sum(s.replicas for s in plan.stages)
+        self.max_inflight = max_inflight or max(4, 2 * n_workers + 2)
+        self.start_timeout, self.stats_interval, self.spinning = start_timeout, stats_interval, spinning
+        self._own_run_dir = run_dir is None
+        self.run_dir = run_dir or tempfile.mkdtemp(prefix="hetsched-")
+        self.workers: list[WorkerHandle] = []
+        self.inflight: dict[int, _InFlight] = {}
+        self._next_id = 0
+        self._ctx: zmq.Context | None = None
+        self._feed = self._results = self._ctl = None
+        self._started = self._stopped = False
+        self.completed = 0
+        self.failed = 0
+        self.t_started = 0.0
+        self._in_expected = [(t.dtype, t.shape) for t in graph.inputs]
+        self._out_expected = [(t.dtype, t.shape) for t in graph.outputs]
+        self.frame_errors: deque = deque(maxlen=100)
+
+    # ---------------------------------------------------------------- endpoints
+    def _endpoint(self, name: str) -> str:
+        if self.transport == "tcp":
+            return f"tcp://{self.host}:*"
+        return f"ipc://{os.path.join(self.run_dir, name)}"
+
+    # ---------------------------------------------------------------- start
+    def start(self) -> "Pipeline":
+        if self._started:
+            return self
+        self._started = True
+        try:
+            self._start()
+        except BaseException:
+            self.stop(drain_timeout=0)
+            raise
+        return self
+
+    def _start(self) -> None:
+        self._ctx = zmq.Context()
+        self._ctl = self._ctx.socket(zmq.ROUTER)
+        self._ctl.setsockopt(zmq.LINGER, 0)
+        self._ctl.bind(self._endpoint("ctl"))
+        ctl_ep = self._ctl.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self._results = self._ctx.socket(zmq.PULL)
+        self._results.setsockopt(zmq.RCVHWM, max(self.hwm, 2))
+        self._results.setsockopt(zmq.LINGER, 0)
+        self._results.bind(self._endpoint("results"))
+        results_ep = self._results.getsockopt(zmq.LAST_ENDPOINT).decode()
+
+        mpctx = mp.get_context("spawn")
+        from workers.stage_worker import run as worker_run
+
+        for stage in self.plan.stages:
+            sub = extract_stage(self.model, self.graph, stage.first_layer, stage.last_layer)
+            path = os.path.join(self.run_dir, f"stage{stage.index}.onnx")
+            onnx.save(sub, path)
+            inputs = [t.to_dict() for t in self.graph.boundaries[stage.first_layer]]
+            for r, cores in enumerate(stage.replica_cores()):
+                spec = {
+                    "stage": stage.index, "replica": r, "cores": list(cores), "threads": stage.threads,
+                    "model_path": path, "inputs": inputs,
+                    "passthrough": passthrough_names(self.graph, stage.first_layer, stage.last_layer),
+                    "ctl_endpoint": ctl_ep, "bind": self._endpoint(f"s{stage.index}r{r}"), "hwm": self.hwm,
+                    "parent_pid": os.getpid(), "stats_interval": self.stats_interval,
+                    "spinning": self.spinning, "connect_timeout": self.start_timeout,
+                    "log_level": logging.getLogger("hetsched").getEffectiveLevel(),
+                }
+                proc = mpctx.Process(target=worker_run, args=(spec,), name=f"hetsched-stage{stage.index}r{r}",
+                                     daemon=True)
+                proc.start()
+                self.workers.append(WorkerHandle(stage.index, r, tuple(cores), stage.threads, proc,
+                                                 f"s{stage.index}r{r}".encode()))
+        self._await("READY")
+        self._check_shapes()
+        by_stage: dict[int, list[str]] = {}
+        for w in self.workers:
+            by_stage.setdefault(w.stage, []).append(w.endpoint)
+        last = len(self.plan.stages) - 1
+        for w in self.workers:
+            eps = by_stage[w.stage + 1] if w.stage < last else [results_ep]
+            self._ctl.send_multipart([w.identity, control("CONNECT", endpoints=eps)])
+        self._await("RUNNING")
+        self._feed = self._ctx.socket(zmq.PUSH)
+        self._feed.setsockopt(zmq.SNDHWM, self.hwm)
+        self._feed.setsockopt(zmq.LINGER, 0)
+        for ep in by_stage[0]:
+            self._feed.connect(ep)
+        self.t_started = time.monotonic()
+        log.info("pipeline running: %d stages, %d workers", len(self.plan.stages), len(self.workers))
+
+    def _worker(self, identity: bytes) -> WorkerHandle | None:
+        for w in self.workers:
+            if w.identity == identity:
+                return w
+        return None
+
+    def _await(self, what: str) -> None:
+        pending = {w.identity for w in self.workers}
+        deadline = time.monotonic() + self.start_timeout
+        while pending:
+            if time.monotonic() > deadline:
+                names = ", ".join(sorted(p.decode() for p in pending))
+                raise WorkerDied(f"timed out after {self.start_timeout:.0f}s waiting for {what} from {names}")
+            for w in self.workers:
+                if w.identity in pending and not w.process.is_alive():
+                    raise WorkerDied(f"stage {w.stage} replica {w.replica} (pid {w.pid}) "
+                                     f"{describe_exit(w.process.exitcode)} before {what}")
+            if not self._ctl.poll(100):
+                continue
+            identity, raw = self._ctl.recv_multipart()
+            msg = parse_control(raw)
+            w = self._worker(identity)
+            if w is None:
+                continue
+            if msg["type"] == "FAILED":
+                raise WorkerDied(f"stage {w.stage} replica {w.replica} failed to start: {msg['error']}")
+            if msg["type"] == what:
+                pending.discard(identity)
+                w.last_seen = time.monotonic()
+                if what == "READY":
+                    w.ready, w.endpoint = msg, msg["endpoint"]
+            elif msg["type"] == "STATS":
+                self._on_stats(w, msg)
+
+    def _check_shapes(self) -> None:
+        for w in self.workers:
+            stage = self.plan.stages[w.stage]
+            want_in = {t.name: t for t in self.graph.boundaries[stage.first_layer]}
+            passthrough = set(w.ready.get("passthrough", []))
+            want_out = {t.name: t for t in self.graph.boundaries[stage.last_layer + 1] if t.name not in passthrough}
+            got_in = {i["name"]: i for i in w.ready["inputs"]}
+            got_out = {o["name"]: o for o in w.ready["outputs"]}
+            if sorted(got_in) != sorted(set(want_in) - (set(want_in) - set(got_in) & passthrough)) and \
+                    not set(got_in) <= set(want_in):
+                raise ShapeMismatch(f"stage {w.stage}: inputs {sorted(got_in)}, plan expects {sorted(want_in)}")
+            if sorted(got_out) != sorted(want_out):
+                raise ShapeMismatch(f"stage {w.stage}: outputs {sorted(got_out)}, plan expects {sorted(want_out)}")
+            for name, rep in list(got_in.items()) + list(got_out.items()):
+                want = want_in.get(name) or want_out.get(name)
+                if not _ort_shape_ok(rep, want):
+                    raise ShapeMismatch(f"stage {w.stage} tensor {name!r}: session has {rep['type']}{rep['shape']}, "
+                                        f"plan expects {want.dtype}{list(want.shape)}")
+            if sorted(w.ready["cores"]) != sorted(w.cores):
+                raise WorkerDied(f"stage {w.stage} replica {w.replica} runs on cores {w.ready['cores']}, "
+                                 f"plan says {list(w.cores)}")
+
+    # ---------------------------------------------------------------- data path
+    @property
+    def can_submit(self) -> bool:
+        return len(self.inflight) < self.max_inflight
+
+    def submit(self, arrays: Sequence[np.ndarray] | np.ndarray, tag: Any = None) -> int:
+        """Send one frame (model inputs in graph order) into stage 0; returns its frame id.
+
+        Does not block on the in-flight window: check ``can_submit`` or use ``run``.
+        """
+        if isinstance(arrays, np.ndarray):
+            arrays = [arrays]
+        arrays = [np.ascontiguousarray(a) for a in arrays]
+        got = [(a.dtype.name, tuple(a.shape)) for a in arrays]
+        if got != self._in_expected:
+            raise ShapeMismatch(f"input {got}, model expects {self._in_expected}")
+        fid = self._next_id
+        self._next_id += 1
+        t = time.monotonic()
+        header = encode_header(fid, t, arrays)
+        self._send_feed([header, *arrays])
+        self.inflight[fid] = _InFlight(list(arrays), t, tag)
+        return fid
+
+    def _send_feed(self, parts: list) -> None:
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                self._feed.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:
+                self.check_workers()
+                if time.monotonic() > deadline:
+                    raise WorkerDied("stage 0 accepted no frame for 30 s")
+                self._feed.poll(50, zmq.POLLOUT)
+
+    def poll(self, timeout_ms: int = 100) -> list[FrameResult]:
+        """Wait up to timeout_ms for results and control messages; return finished frames."""
+        done: list[FrameResult] = []
+        poller = zmq.Poller()
+        poller.register(self._results, zmq.POLLIN)
+        poller.register(self._ctl, zmq.POLLIN)
+        events = dict(poller.poll(timeout_ms))
+        if self._ctl in events:
+            self._drain_control(done)
+        if self._results in events:
+            while True:
+                try:
+                    parts = self._results.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                res = self._on_result(parts)
+                if res is not None:
+                    done.append(res)
+        self.check_workers()
+        return done
+
+    def _on_result(self, parts: list) -> FrameResult | None:
+        t_done = time.monotonic()
+        hdr = decode_header(parts[0].buffer)
+        entry = self.inflight.pop(hdr.frame_id, None)
+        if entry is None:
+            log.warning("result for unknown or finished frame %d dropped", hdr.frame_id)
+            return None
+        outs = views(hdr, parts[1:], self._out_expected)
+        self.completed += 1
+        return FrameResult(hdr.frame_id, outs, hdr.hops, hdr.t_submit, t_done, entry.tag)
+
+    def _drain_control(self, done: list[FrameResult]) -> None:
+        while True:
+            try:
+                identity, raw = self._ctl.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = parse_control(raw)
+            except ProtocolError as exc:
+                log.warning("bad control message: %s", exc)
+                continue
+            w = self._worker(identity)
+            if w is None:
+                continue
+            w.last_seen = time.monotonic()
+            if msg["type"] == "STATS":
+                self._on_stats(w, msg)
+            elif msg["type"] == "FRAME_ERROR":
+                fid = msg.get("frame_id")
+                entry = self.inflight.pop(fid, None) if fid is not None else None
+                self.frame_errors.append(msg)
+                if entry is not None:
+                    self.failed += 1
+                    done.append(FrameResult(fid, [], (), entry.t_submit, time.monotonic(), entry.tag,
+                                            error=msg.get("error"), code=msg.get("code")))
+            elif msg["type"] == "FAILED":
+                raise WorkerDied(f"stage {w.stage} replica {w.replica} failed: {msg.get('error')}")
+
+    def _on_stats(self, w: WorkerHandle, msg: dict) -> None:
+        prev = w.stats
+        samples = list(prev.get("all_samples", ()))[-4096:] + list(msg.get("samples", ()))
+        w.stats = {**msg, "all_samples": samples}
+
+    def check_workers(self) -> None:
+        for w in self.workers:
+            if not w.process.is_alive():
+                raise WorkerDied(f"stage {w.stage} replica {w.replica} (pid {w.pid}, cores {list(w.cores)}) "
+                                 f"{describe_exit(w.process.exitcode)}; {len(self.inflight)} frames in flight")
+
+    def run(self, inputs: Iterable[Sequence[np.ndarray] | np.ndarray], timeout: float = 60.0) -> Iterator[FrameResult]:
+        """Stream ``inputs`` through the pipeline; yield results in input order."""
+        it = iter(inputs)
+        exhausted = False
+        pending: dict[int, FrameResult] = {}
+        next_out = self._next_id
+        last_progress = time.monotonic()
+        while True:
+            while not exhausted and self.can_submit:
+                try:
+                    x = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                self.submit(x)
+            if exhausted and not self.inflight and not pending:
+                return
+            for res in self.poll(50):
+                pending[res.frame_id] = res
+                last_progress = time.monotonic()
+            while next_out in pending:
+                yield pending.pop(next_out)
+                next_out += 1
+            if exhausted and not self.inflight and next_out not in pending and pending:
+                next_out = min(pending)
+            if self.inflight and time.monotonic() - last_progress > timeout:
+                raise HetschedError(f"no result for {timeout:.0f} s with {len(self.inflight)} frames in flight")
+
+    def drain(self, timeout: float = 10.0) -> list[FrameResult]:
+        deadline = time.monotonic() + timeout
+        done = []
+        while self.inflight and time.monotonic() < deadline:
+            done += self.poll(50)
+        return done
+
+    # ---------------------------------------------------------------- stats
+    def stage_stats(self) -> list[dict]:
+        """Per stage: frames, compute/wait/send seconds, recent compute samples, from worker STATS."""
+        out = []
+        for stage in self.plan.stages:
+            ws = [w for w in self.workers if w.stage == stage.index]
+            agg = {"stage": stage.index, "replicas": len(ws), "pids": [w.pid for w in ws],
+                   "frames": 0, "errors": 0, "wait_s": 0.0, "compute_s": 0.0, "send_s": 0.0, "samples": []}
+            for w in ws:
+                for k in ("frames", "errors", "wait_s", "compute_s", "send_s"):
+                    agg[k] += w.stats.get(k, 0)
+                agg["samples"] += w.stats.get("all_samples", [])
+            out.append(agg)
+        return out
+
+    def request_stats(self, timeout: float = 2.0) -> None:
+        """Wait until every worker has reported stats newer than now (or timeout)."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if all(w.stats.get("t", 0) >= t0 for w in self.workers):
+                return
+            self.poll(20)
+
+    # ---------------------------------------------------------------- stop
+    def stop(self, drain_timeout: float = 5.0, grace: float = 3.0) -> None:
+        """Drain in-flight frames (bounded), ask workers to stop, wait, kill, join. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            if drain_timeout and self.inflight and self._results is not None:
+                try:
+                    self.drain(drain_timeout)
+                except HetschedError as exc:
+                    log.warning("drain stopped: %s", exc)
+            if self._ctl is not None:
+                for w in self.workers:
+                    try:
+                        self._ctl.send_multipart([w.identity, control("STOP")], flags=zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
+                deadline = time.monotonic() + grace
+                while any(w.process.is_alive() for w in self.workers) and time.monotonic() < deadline:
+                    try:
+                        if self._ctl.poll(50):
+                            self._drain_control([])
+                    except (zmq.ZMQError, HetschedError):
+                        time.sleep(0.01)
+        finally:
+            reap_processes([w.process for w in self.workers], grace=0.5)
+            for sock in (self._feed, self._results, self._ctl):
+                if sock is not None:
+                    sock.close(linger=0)
+            if self._ctx is not None:
+                self._ctx.term()
+            if self._own_run_dir:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def __enter__(self) -> "Pipeline":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop(drain_timeout=0 if exc[0] else 5.0)
+
+
+def reap_processes(procs: Sequence[Any], grace: float = 2.0) -> None:
+    """terminate -> wait -> kill -> join every process; on return all are joined."""
+    deadline = time.monotonic() + grace
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5.0)

@@ -1,0 +1,319 @@
+"""Model graph analysis: cut points, layers between them, and sub-models for pipeline stages.
+
+Cut points come from the graph's data flow, not from layer names. Walking the nodes in
+topological order, the *live set* after node p is every activation that was produced (or is a
+graph input) before p and is still needed at or after p, or is a graph output. A position is a cut
+point when its live set holds at most ``max_cut_tensors`` tensors: a stage boundary there carries
+exactly those tensors. Between SqueezeNet's fire modules the live set is one tensor; inside a
+fire module (the squeeze output feeds two expands) it is two; across a residual block the skip
+tensor stays live until its Add, so no single-tensor cut falls inside the block.
+
+Constants (``Constant`` nodes and initializers) are never live: every stage gets its own copy.
+A cut is also not offered just before an elementwise op that consumes only the previous node's
+output (Conv | Relu): onnxruntime fuses such pairs and splitting them costs a transfer for nothing.
+The nodes between consecutive cut points form one *layer*, the unit the planner assigns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, shape_inference
+
+from hetsched.errors import ModelError
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_SQUEEZENET = "builtin:squeezenet1.1"
+
+# Ops fused into their producer by onnxruntime; a cut right before them is never useful.
+FUSABLE_FOLLOWERS = frozenset({
+    "Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
+    "BatchNormalization", "PRelu", "Softplus", "Mish", "Gelu",
+})
+
+_ONNX_TO_NUMPY = {
+    onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.DOUBLE: "float64",
+    onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.INT64: "int64", onnx.TensorProto.BOOL: "bool",
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorInfo":
+        return cls(d["name"], d["dtype"], tuple(int(x) for x in d["shape"]))
+
+
+@dataclass(frozen=True)
+class Layer:
+    index: int
+    name: str
+    node_names: tuple[str, ...]
+    op_types: tuple[str, ...]
+    flops: int
+    params: int
+
+
+@dataclass(frozen=True)
+class ModelGraph:
+    """A model cut into layers. ``boundaries[b]`` are the tensors crossing boundary b
+    (b=0: model inputs, b=len(layers): model outputs)."""
+
+    layers: tuple[Layer, ...]
+    boundaries: tuple[tuple[TensorInfo, ...], ...]
+    model_hash: str
+    name: str
+
+    @property
+    def inputs(self) -> tuple[TensorInfo, ...]:
+        return self.boundaries[0]
+
+    @property
+    def outputs(self) -> tuple[TensorInfo, ...]:
+        return self.boundaries[-1]
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(layer.name for layer in self.layers)
+
+    def boundary_bytes(self) -> tuple[int, ...]:
+        return tuple(sum(t.nbytes for t in b) for b in self.boundaries)
+
+
+def load_model(source: str | None) -> onnx.ModelProto:
+    """Load ``builtin:squeezenet1.1`` (also the default for None) or an ONNX file path."""
+    if source is None or source == BUILTIN_SQUEEZENET:
+        from hetsched.squeezenet import build_squeezenet11
+        return build_squeezenet11()
+    if source.startswith(BUILTIN_PREFIX):
+        raise ModelError(f"unknown built-in model {source!r}; available: {BUILTIN_SQUEEZENET}")
+    if not os.path.isfile(source):
+        raise ModelError(f"model file not found: {source}")
+    try:
+        model = onnx.load(source)
+    except Exception as exc:  # onnx raises DecodeError and friends
+        raise ModelError(f"cannot read ONNX model {source}: {exc}") from exc
+    return model
+
+
+def model_hash(model: onnx.ModelProto) -> str:
+    return hashlib.sha256(model.SerializeToString()).hexdigest()
+
+
+def _tensor_infos(model: onnx.ModelProto) -> dict[str, TensorInfo]:
+    infos: dict[str, TensorInfo] = {}
+    graph = model.graph
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            continue
+        dims = []
+        for d in tt.shape.dim:
+            if not d.HasField("dim_value") or d.dim_value <= 0:
+                dims = None
+                break
+            dims.append(int(d.dim_value))
+        if dims is None:
+            continue
+        dtype = _ONNX_TO_NUMPY.get(tt.elem_type)
+        if dtype is None:
+            continue
+        infos[vi.name] = TensorInfo(vi.name, dtype, tuple(dims))
+    return infos
+
+
+def _topological_order(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    produced = set(available)
+    remaining = list(nodes)
+    order: list[onnx.NodeProto] = []
+    while remaining:
+        progressed = False
+        rest = []
+        for node in remaining:
+            if all((not i) or i in produced for i in node.input):
+                order.append(node)
+                produced.update(node.output)
+                progressed = True
+            else:
+                rest.append(node)
+        if not progressed:
+            missing = sorted({i for n in rest for i in n.input if i and i not in produced})
+            raise ModelError(f"graph is not a DAG or has undefined inputs: {missing[:5]}")
+        remaining = rest
+    return order
+
+
+def _node_flops(node: onnx.NodeProto, infos: dict[str, TensorInfo], inits: dict[str, tuple[int, ...]]) -> int:
+    out = infos.get(node.output[0]) if node.output else None
+    out_elems = int(np.prod(out.shape)) if out else 0
+    if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1:
+        w = inits.get(node.input[1]) or (infos[node.input[1]].shape if node.input[1] in infos else None)
+        if w is not None and out is not None:
+            # out elements x (Cin/group * kh * kw) multiply-adds
+            return 2 * out_elems * int(np.prod(w[1:]))
+    if node.op_type in ("Gemm", "MatMul") and len(node.input) > 1:
+        a = infos.get(node.input[0])
+        if a is not None and out is not None:
+            return 2 * out_elems * int(a.shape[-1])
+    return out_elems
+
+
+def _layer_name(nodes: list[onnx.NodeProto], index: int) -> str:
+    names = [n.name for n in nodes if n.name]
+    if names:
+        prefix = os.path.commonprefix(names).rstrip("._/-:")
+        if len(prefix) >= 3 and len(names) > 1:
+            return prefix
+        if len(names) == 1 or len(nodes) == 1:
+            return names[0]
+        return f"{names[0]}..{names[-1]}"
+    return f"{nodes[0].op_type.lower()}_{index}"
+
+
+def analyze(model: onnx.ModelProto, max_cut_tensors: int = 1) -> ModelGraph:
+    """Find the cut points of ``model`` and return its layers and boundary tensors.
+
+    Needs static shapes for every activation (fixed input shape); raises ModelError otherwise.
+    """
+    if max_cut_tensors < 1:
+        raise ModelError("max_cut_tensors must be >= 1")
+    try:
+        inferred = shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception as exc:
+        raise ModelError(f"shape inference failed: {exc}") from exc
+    graph = inferred.graph
+    init_names = {t.name for t in graph.initializer}
+    init_shapes = {t.name: tuple(t.dims) for t in graph.initializer}
+    graph_inputs = [i.name for i in graph.input if i.name not in init_names]
+    graph_outputs = [o.name for o in graph.output]
+    if not graph_inputs:
+        raise ModelError("model has no non-constant inputs")
+    infos = _tensor_infos(inferred)
+    for name in graph_inputs + graph_outputs:
+        if name not in infos:
+            raise ModelError(f"tensor {name!r} has no static shape; hetsched needs a fixed input shape "
+                             "(re-export the model with concrete dimensions)")
+
+    nodes = _topological_order(list(graph.node), set(graph_inputs) | init_names)
+    constants = set(init_names)
+    for node in nodes:
+        if node.op_type == "Constant":
+            constants.update(node.output)
+
+    n = len(nodes)
+    last_use: dict[str, int] = {}
+    for idx, node in enumerate(nodes):
+        for name in node.input:
+            if name and name not in constants:
+                last_use[name] = idx
+    for name in graph_outputs:
+        last_use[name] = n  # needed "after the last node"
+    producer: dict[str, int] = {name: -1 for name in graph_inputs}
+    for idx, node in enumerate(nodes):
+        for name in node.output:
+            producer[name] = idx
+
+    def live_after(p: int) -> list[str]:
+        """Tensors crossing the boundary between nodes[:p] and nodes[p:]."""
+        return [t for t, prod in producer.items()
+                if prod < p and t not in constants and last_use.get(t, -1) >= p]
+
+    cuts = [0]
+    for p in range(1, n):
+        if nodes[p].op_type == "Constant":
+            continue
+        live = live_after(p)
+        if not live or len(live) > max_cut_tensors:
+            continue
+        nxt = nodes[p]
+        prev_outputs = set(nodes[p - 1].output)
+        data_inputs = [i for i in nxt.input if i and i not in constants]
+        if nxt.op_type in FUSABLE_FOLLOWERS and data_inputs and set(data_inputs) <= prev_outputs:
+            continue
+        if any(t not in infos for t in live):
+            continue  # dynamic shape inside: not a usable boundary
+        cuts.append(p)
+    cuts.append(n)
+
+    layers: list[Layer] = []
+    boundaries: list[tuple[TensorInfo, ...]] = [tuple(infos[t] for t in graph_inputs)]
+    for li, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+        seg = nodes[a:b]
+        flops = sum(_node_flops(nd, infos, init_shapes) for nd in seg)
+        params = sum(int(np.prod(init_shapes[i])) for nd in seg for i in set(nd.input) if i in init_shapes)
+        layers.append(Layer(li, _layer_name(seg, li), tuple(nd.name for nd in seg),
+                            tuple(nd.op_type for nd in seg), int(flops), int(params)))
+        if b < n:
+            boundaries.append(tuple(infos[t] for t in sorted(live_after(b), key=lambda t: producer[t])))
+    boundaries.append(tuple(infos[t] for t in graph_outputs))
+    return ModelGraph(tuple(layers), tuple(boundaries), model_hash(model), graph.name or "model")
+
+
+def extract_stage(model: onnx.ModelProto, mg: ModelGraph, first_layer: int, last_layer: int) -> onnx.ModelProto:
+    """The sub-model computing layers first..last: inputs boundary[first], outputs boundary[last+1].
+
+    Tensors that cross both boundaries untouched are not outputs of the sub-model; the worker
+    forwards them (see ``passthrough_names``).
+    """
+    if not 0 <= first_layer <= last_layer < len(mg.layers):
+        raise ModelError(f"bad layer range {first_layer}..{last_layer} (model has {len(mg.layers)} layers)")
+    inputs = [t.name for t in mg.boundaries[first_layer]]
+    passthrough = set(passthrough_names(mg, first_layer, last_layer))
+    outputs = [t.name for t in mg.boundaries[last_layer + 1] if t.name not in passthrough]
+    if first_layer == 0 and last_layer == len(mg.layers) - 1 and not passthrough:
+        return model
+    try:
+        extractor = onnx.utils.Extractor(shape_inference.infer_shapes(model, strict_mode=False))
+        sub = extractor.extract_model(inputs, outputs)
+    except Exception as exc:
+        raise ModelError(f"cannot extract layers {first_layer}..{last_layer}: {exc}") from exc
+    sub.graph.name = f"{mg.name}[{first_layer}:{last_layer}]"
+    return sub
+
+
+def passthrough_names(mg: ModelGraph, first_layer: int, last_layer: int) -> list[str]:
+    into = {t.name for t in mg.boundaries[first_layer]}
+    return [t.name for t in mg.boundaries[last_layer + 1] if t.name in into]
+
+
+def layer_table(mg: ModelGraph) -> Iterable[str]:
+    yield f"{'#':>3}  {'layer':<28} {'ops':<34} {'MFLOP':>8} {'out KiB':>8}"
+    for layer in mg.layers:
+        ops = ",".join(dict.fromkeys(layer.op_types))
+        out_kib = sum(t.nbytes for t in mg.boundaries[layer.index + 1]) / 1024
+        yield f"{layer.index:>3}  {layer.name:<28.28} {ops:<34.34} {layer.flops / 1e6:>8.1f} {out_kib:>8.0f}"
+
+
+def random_inputs(infos: Iterable[TensorInfo], seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for t in infos:
+        if np.dtype(t.dtype).kind == "f":
+            out[t.name] = rng.standard_normal(t.shape).astype(t.dtype)
+        else:
+            out[t.name] = rng.integers(0, 2, size=t.shape).astype(t.dtype)
+    return out
+
+
+def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
+    for t in model.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    raise KeyError(name)

@@ -1,0 +1,123 @@
+"""From a config to a running pipeline: topology -> clusters -> emulation -> model -> costs -> plan.
+
+This is the coordinator's set-up sequence, shared by ``hetsched plan``, ``start``, ``profile`` and
+the benchmark. Every step reports progress through a callback; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import onnx
+
+from hetsched.config import Config, resolve_clusters
+from hetsched.costs import ClusterMeasurement, cost_table_from_measurements, flop_cost_table, flop_sanity
+from hetsched.graph import ModelGraph, analyze, load_model
+from hetsched.planner import ClusterSpec, CostTable, Plan, TransferModel, plan_pipeline
+from hetsched.topology import Cluster, Topology, detect_topology
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Prepared:
+    config: Config
+    topology: Topology
+    clusters: list[Cluster]
+    model: onnx.ModelProto
+    graph: ModelGraph
+    measurements: list[ClusterMeasurement]
+    costs: CostTable
+    plan: Plan
+    transfer: TransferModel
+    warnings: list[str] = field(default_factory=list)
+
+    def cluster_specs(self) -> list[ClusterSpec]:
+        return [ClusterSpec(c.name, c.cores) for c in self.clusters]
+
+    def replan(self, **kw) -> Plan:
+        p = self.config.planner
+        args = dict(max_stages=p.max_stages, tie_tolerance=p.tie_tolerance, allow_replicas=p.allow_replicas,
+                    forced_cuts=p.forced_cuts)
+        args.update(kw)
+        return plan_pipeline(self.costs, self.cluster_specs(), self.transfer, **args)
+
+    def limit_fps(self) -> float:
+        """Sum over cores of each core's standalone single-thread throughput (from the profile)."""
+        total = 0.0
+        for m in self.measurements:
+            if m.whole_ms.get(1):
+                total += len(m.cores) * 1000.0 / m.whole_ms[1]
+        return total
+
+
+def emulated_cores(clusters: Sequence[Cluster], period_ms: float | None = None) -> list:
+    from hetsched.emulation import EmulatedCore
+    out = []
+    for c in clusters:
+        if c.emulated_speed is not None and c.emulated_speed < 1.0:
+            for core in c.cores:
+                out.append(EmulatedCore(core, c.emulated_speed, period_ms) if period_ms
+                           else EmulatedCore(core, c.emulated_speed))
+    return out
+
+
+@contextlib.contextmanager
+def emulation(clusters: Sequence[Cluster], period_ms: float | None = None,
+              progress: Progress | None = None) -> Iterator[object]:
+    """Start duty-cycle co-runners for emulated clusters; always stopped (by PID) on exit."""
+    cores = emulated_cores(clusters, period_ms)
+    if not cores:
+        yield None
+        return
+    from hetsched.emulation import Emulator
+    emu = Emulator(cores)
+    emu.start()
+    if progress:
+        for ec in cores:
+            progress(f"emulating a slow core: core {ec.core} delivers {ec.speed:.0%} of its cycles "
+                     f"(real-time duty-cycle co-runner)")
+    try:
+        yield emu
+    finally:
+        emu.stop()
+
+
+def prepare(cfg: Config, *, progress: Progress | None = None, sysfs_root: str = "/sys",
+            use_cache: bool | None = None, clusters: list[Cluster] | None = None) -> Prepared:
+    """Everything up to the plan. Call inside ``emulation(...)`` so costs see the emulated speed."""
+    note = progress or (lambda msg: None)
+    topo = detect_topology(sysfs_root)
+    clusters = clusters if clusters is not None else resolve_clusters(cfg, topo)
+    model = load_model(cfg.model)
+    graph = analyze(model, cfg.planner.max_cut_tensors)
+    note(f"model {cfg.model}: {len(model.graph.node)} nodes, {len(graph.layers)} layers between cut points")
+    warnings: list[str] = []
+    bbytes = graph.boundary_bytes()
+    if cfg.profile.measure:
+        from hetsched.cost_profiler import measure_clusters
+        measurements = measure_clusters(model, graph, clusters, repeats=cfg.profile.repeats,
+                                        warmup=cfg.profile.warmup,
+                                        use_cache=cfg.profile.cache if use_cache is None else use_cache,
+                                        cache_dir=cfg.profile.cache_dir, progress=note)
+        costs = cost_table_from_measurements(graph.layer_names, bbytes, measurements)
+        for m in measurements:
+            odd = flop_sanity(graph.layer_names, [lay.flops for lay in graph.layers], costs.layer_ms[m.cluster][1])
+            warnings += [f"cluster {m.cluster}: {w}" for w in odd]
+            note(f"cluster {m.cluster}: whole model {m.whole_ms[1]:.2f} ms on 1 thread"
+                 + "".join(f", {m.whole_ms[t]:.2f} ms on {t}" for t in m.whole_ms if t != 1))
+    else:
+        measurements = []
+        costs = flop_cost_table(graph.layer_names, bbytes, [lay.flops for lay in graph.layers],
+                                [(c.name, len(c.cores), c.emulated_speed or c.speed) for c in clusters])
+    transfer = TransferModel()
+    p = cfg.planner
+    plan = plan_pipeline(costs, [ClusterSpec(c.name, c.cores) for c in clusters], transfer,
+                         max_stages=p.max_stages, tie_tolerance=p.tie_tolerance, allow_replicas=p.allow_replicas,
+                         forced_cuts=p.forced_cuts)
+    return Prepared(cfg, topo, list(clusters), model, graph, measurements, costs, plan, transfer, warnings)

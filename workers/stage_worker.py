@@ -1,0 +1,201 @@
+"""Stage worker process: one pipeline stage (or one replica of it) pinned to its cores.
+
+Started by the coordinator with the ``spawn`` start method and a small picklable spec dict. In
+order: die with the parent (PR_SET_PDEATHSIG), pin to the stage's cores, *then* create the zmq
+context and the onnxruntime session (so every thread they start inherits the affinity), bind the
+input socket, report READY with the session's real input/output shapes, wait for CONNECT with
+the downstream endpoints, then stream: receive header + tensor frames (zero-copy views), run the
+sub-model, append this stage's hop record and send on without copying.
+
+Every ``stats_interval`` seconds the worker sends STATS (frames, wait/compute/send seconds, recent
+compute samples) on the control socket; this doubles as its heartbeat.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL us when the parent exits; bail out if it already has."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(3)
+
+
+def main(spec: dict) -> int:
+    die_with_parent(spec["parent_pid"])
+    os.sched_setaffinity(0, spec["cores"])
+    tag = f"[stage {spec['stage']}.{spec['replica']}]"
+    logging.basicConfig(level=spec.get("log_level", logging.WARNING), format=f"%(asctime)s {tag} %(message)s")
+    log = logging.getLogger("hetsched.worker")
+    stop = {"flag": False}
+
+    def on_signal(signum, frame):  # only set a flag; the loop notices within one poll timeout
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C goes to the coordinator, which stops us
+
+    import zmq
+
+    from hetsched.stage_protocol import Hop, control, decode_header, encode_header, parse_control, views
+
+    ctx = zmq.Context(io_threads=1)
+    ctl = ctx.socket(zmq.DEALER)
+    ctl.setsockopt(zmq.LINGER, 1000)
+    ctl.setsockopt(zmq.IDENTITY, f"s{spec['stage']}r{spec['replica']}".encode())
+    ctl.connect(spec["ctl_endpoint"])
+    inp = out = None
+    try:
+        import numpy as np
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = spec["threads"]
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if not spec.get("spinning", False):
+            # Spinning threads would burn the cycles the next frame's wait could give to others.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        sess = ort.InferenceSession(spec["model_path"], so, providers=["CPUExecutionProvider"])
+        in_names = [i.name for i in sess.get_inputs()]
+        out_names = [o.name for o in sess.get_outputs()]
+        passthrough = list(spec.get("passthrough", []))
+        expected_in = [(t["dtype"], tuple(t["shape"])) for t in spec["inputs"]]
+        feed_names = [t["name"] for t in spec["inputs"]]
+        send_names = out_names + passthrough
+
+        inp = ctx.socket(zmq.PULL)
+        inp.setsockopt(zmq.RCVHWM, spec["hwm"])
+        inp.setsockopt(zmq.LINGER, 0)
+        inp.bind(spec["bind"])
+        endpoint = inp.getsockopt(zmq.LAST_ENDPOINT).decode()
+
+        ctl.send(control("READY", stage=spec["stage"], replica=spec["replica"], pid=os.getpid(),
+                         cores=sorted(os.sched_getaffinity(0)), endpoint=endpoint,
+                         inputs=[{"name": i.name, "shape": i.shape, "type": i.type} for i in sess.get_inputs()],
+                         outputs=[{"name": o.name, "shape": o.shape, "type": o.type} for o in sess.get_outputs()],
+                         passthrough=passthrough))
+        deadline = time.monotonic() + spec.get("connect_timeout", 60.0)
+        downstream = None
+        while downstream is None:
+            if stop["flag"] or time.monotonic() > deadline:
+                log.warning("no CONNECT from the coordinator; exiting")
+                return 2
+            if ctl.poll(100):
+                msg = parse_control(ctl.recv())
+                if msg["type"] == "CONNECT":
+                    downstream = msg["endpoints"]
+                elif msg["type"] == "STOP":
+                    return 0
+        out = ctx.socket(zmq.PUSH)
+        out.setsockopt(zmq.SNDHWM, spec["hwm"])
+        out.setsockopt(zmq.LINGER, 2000)
+        for ep in downstream:
+            out.connect(ep)
+        ctl.send(control("RUNNING", stage=spec["stage"], replica=spec["replica"]))
+
+        poller = zmq.Poller()
+        poller.register(inp, zmq.POLLIN)
+        poller.register(ctl, zmq.POLLIN)
+        stage, replica = spec["stage"], spec["replica"]
+        interval = spec.get("stats_interval", 0.5)
+        frames_done = errors = 0
+        wait_s = compute_s = send_s = 0.0
+        samples: list[float] = []
+        t_last_stats = t_idle_from = time.monotonic()
+        draining = False
+        monotonic = time.monotonic
+        while not stop["flag"]:
+            events = dict(poller.poll(100))
+            if ctl in events:
+                msg = parse_control(ctl.recv())
+                if msg["type"] == "STOP":
+                    break
+                if msg["type"] == "DRAIN":
+                    draining = True
+            if inp in events:
+                t_recv = monotonic()
+                parts = inp.recv_multipart(copy=False)
+                try:
+                    hdr = decode_header(parts[0].buffer)
+                    arrays = views(hdr, parts[1:], expected_in)
+                    feed = dict(zip(feed_names, arrays))
+                    t_start = monotonic()
+                    outs = sess.run(out_names, {n: feed[n] for n in in_names})
+                    t_end = monotonic()
+                    sending = outs + [feed[n] for n in passthrough]
+                    header = encode_header(hdr.frame_id, hdr.t_submit, sending,
+                                           hdr.hops + (Hop(stage, replica, t_recv, t_start, t_end),))
+                except Exception as exc:  # a bad frame must not kill the stage
+                    errors += 1
+                    fid = None
+                    try:
+                        fid = decode_header(parts[0].buffer).frame_id
+                    except Exception:
+                        pass
+                    ctl.send(control("FRAME_ERROR", stage=stage, replica=replica, frame_id=fid,
+                                     code=getattr(exc, "code", "STAGE_FAILED"), error=str(exc)))
+                    t_idle_from = monotonic()
+                    continue
+                msg_parts = [header, *[np.ascontiguousarray(a) for a in sending]]
+                while True:
+                    try:
+                        out.send_multipart(msg_parts, flags=zmq.NOBLOCK, copy=False)
+                        break
+                    except zmq.Again:
+                        if stop["flag"]:
+                            break
+                        out.poll(100, zmq.POLLOUT)
+                t_sent = monotonic()
+                frames_done += 1
+                wait_s += t_recv - t_idle_from
+                compute_s += t_end - t_start
+                send_s += t_sent - t_end
+                samples.append(t_end - t_start)
+                t_idle_from = t_sent
+            now = monotonic()
+            if now - t_last_stats >= interval:
+                ctl.send(control("STATS", stage=stage, replica=replica, pid=os.getpid(), frames=frames_done,
+                                 errors=errors, wait_s=wait_s, compute_s=compute_s, send_s=send_s,
+                                 samples=samples[-512:], t=now, draining=draining))
+                samples = []
+                t_last_stats = now
+        ctl.send(control("STATS", stage=stage, replica=replica, pid=os.getpid(), frames=frames_done,
+                         errors=errors, wait_s=wait_s, compute_s=compute_s, send_s=send_s,
+                         samples=samples[-512:], t=time.monotonic(), final=True))
+        return 0
+    except Exception as exc:
+        try:
+            ctl.send(control("FAILED", stage=spec["stage"], replica=spec["replica"], pid=os.getpid(),
+                             error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()))
+        except Exception:
+            pass
+        log.error("stage failed: %s", exc)
+        return 1
+    finally:
+        for sock in (inp, out, ctl):
+            if sock is not None:
+                sock.close(linger=500)
+        ctx.term()
+
+
+def run(spec: dict) -> None:
+    """multiprocessing target."""
+    sys.exit(main(spec))
