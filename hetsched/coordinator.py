@@ -110,8 +110,12 @@ class Pipeline:
     def __init__(self, model: onnx.ModelProto, graph: ModelGraph, plan: Plan, *, transport: str = "ipc",
                  host: str = "127.0.0.1", hwm: int = 2, max_inflight: int | None = None,
                  start_timeout: float = 60.0, stats_interval: float = 0.5, spinning: bool = False,
-                 run_dir: str | None = None):
+                 run_dir: str | None = None, preprocess: Any = None, image_limits: Any = None):
+        """``preprocess``: an InputConfig when the plan's layer 0 is image preprocessing (the chain is
+        then [preprocess] + graph layers, and stage 0 accepts encoded JPEG/PNG bytes)."""
         self.model, self.graph, self.plan = model, graph, plan
+        self.preprocess, self.image_limits = preprocess, image_limits
+        self._offset = 1 if preprocess is not None else 0
         self.transport, self.host, self.hwm = transport, host, hwm
         n_workers = sum(s.replicas for s in plan.stages)
         self.max_inflight = max_inflight or max(4, 2 * n_workers + 2)
@@ -130,6 +134,7 @@ class Pipeline:
         self._in_expected = [(t.dtype, t.shape) for t in graph.inputs]
         self._out_expected = [(t.dtype, t.shape) for t in graph.outputs]
         self.frame_errors: deque = deque(maxlen=100)
+        self._last_check = 0.0
 
     # ---------------------------------------------------------------- endpoints
     def _endpoint(self, name: str) -> str:
@@ -165,15 +170,22 @@ class Pipeline:
         from workers.stage_worker import run as worker_run
 
         for stage in self.plan.stages:
-            sub = extract_stage(self.model, self.graph, stage.first_layer, stage.last_layer)
-            path = os.path.join(self.run_dir, f"stage{stage.index}.onnx")
-            onnx.save(sub, path)
-            inputs = [t.to_dict() for t in self.graph.boundaries[stage.first_layer]]
+            g_first, g_last, has_prep = self.graph_range(stage)
+            path = None
+            if g_last >= g_first:
+                sub = extract_stage(self.model, self.graph, g_first, g_last)
+                path = os.path.join(self.run_dir, f"stage{stage.index}.onnx")
+                onnx.save(sub, path)
+                passthrough = passthrough_names(self.graph, g_first, g_last)
+            else:  # preprocessing only: the decoded image is passed on as the model input
+                passthrough = [t.name for t in self.graph.inputs]
+            inputs = [t.to_dict() for t in self.graph.boundaries[g_first]]
             for r, cores in enumerate(stage.replica_cores()):
                 spec = {
                     "stage": stage.index, "replica": r, "cores": list(cores), "threads": stage.threads,
-                    "model_path": path, "inputs": inputs,
-                    "passthrough": passthrough_names(self.graph, stage.first_layer, stage.last_layer),
+                    "model_path": path, "inputs": inputs, "passthrough": passthrough,
+                    "preprocess": dataclasses.asdict(self.preprocess) if has_prep else None,
+                    "image_limits": dataclasses.asdict(self.image_limits) if (has_prep and self.image_limits) else {},
                     "ctl_endpoint": ctl_ep, "bind": self._endpoint(f"s{stage.index}r{r}"), "hwm": self.hwm,
                     "parent_pid": os.getpid(), "stats_interval": self.stats_interval,
                     "spinning": self.spinning, "connect_timeout": self.start_timeout,
@@ -201,6 +213,12 @@ class Pipeline:
             self._feed.connect(ep)
         self.t_started = time.monotonic()
         log.info("pipeline running: %d stages, %d workers", len(self.plan.stages), len(self.workers))
+
+    def graph_range(self, stage) -> tuple[int, int, bool]:
+        """(first graph layer, last graph layer, does preprocessing) of a plan stage; last < first when
+        the stage only preprocesses."""
+        return (max(stage.first_layer - self._offset, 0), stage.last_layer - self._offset,
+                self._offset == 1 and stage.first_layer == 0)
 
     def _worker(self, identity: bytes) -> WorkerHandle | None:
         for w in self.workers:
@@ -238,14 +256,15 @@ class Pipeline:
 
     def _check_shapes(self) -> None:
         for w in self.workers:
-            stage = self.plan.stages[w.stage]
-            want_in = {t.name: t for t in self.graph.boundaries[stage.first_layer]}
+            g_first, g_last, _ = self.graph_range(self.plan.stages[w.stage])
+            if g_last < g_first:
+                continue  # preprocessing-only stage: no session
+            want_in = {t.name: t for t in self.graph.boundaries[g_first]}
             passthrough = set(w.ready.get("passthrough", []))
-            want_out = {t.name: t for t in self.graph.boundaries[stage.last_layer + 1] if t.name not in passthrough}
+            want_out = {t.name: t for t in self.graph.boundaries[g_last + 1] if t.name not in passthrough}
             got_in = {i["name"]: i for i in w.ready["inputs"]}
             got_out = {o["name"]: o for o in w.ready["outputs"]}
-            if sorted(got_in) != sorted(set(want_in) - (set(want_in) - set(got_in) & passthrough)) and \
-                    not set(got_in) <= set(want_in):
+            if not set(got_in) <= set(want_in):
                 raise ShapeMismatch(f"stage {w.stage}: inputs {sorted(got_in)}, plan expects {sorted(want_in)}")
             if sorted(got_out) != sorted(want_out):
                 raise ShapeMismatch(f"stage {w.stage}: outputs {sorted(got_out)}, plan expects {sorted(want_out)}")
@@ -282,6 +301,19 @@ class Pipeline:
         self.inflight[fid] = _InFlight(list(arrays), t, tag)
         return fid
 
+    def submit_encoded(self, data: bytes | Any, tag: Any = None) -> int:
+        """Send one encoded JPEG/PNG image; stage 0 decodes and preprocesses it."""
+        if self.preprocess is None:
+            raise ProtocolError("NO_PREPROCESS", "this pipeline takes tensors only (no preprocessing stage)")
+        buf = data.buffer if hasattr(data, "buffer") else data
+        arr = np.frombuffer(buf, dtype=np.uint8)
+        fid = self._next_id
+        self._next_id += 1
+        t = time.monotonic()
+        self._send_feed([encode_header(fid, t, [arr]), data])
+        self.inflight[fid] = _InFlight([data], t, tag)
+        return fid
+
     def _send_feed(self, parts: list) -> None:
         deadline = time.monotonic() + 30.0
         while True:
@@ -294,13 +326,20 @@ class Pipeline:
                     raise WorkerDied("stage 0 accepted no frame for 30 s")
                 self._feed.poll(50, zmq.POLLOUT)
 
-    def poll(self, timeout_ms: int = 100) -> list[FrameResult]:
-        """Wait up to timeout_ms for results and control messages; return finished frames."""
-        done: list[FrameResult] = []
-        poller = zmq.Poller()
+    def register(self, poller: zmq.Poller) -> None:
+        """Add the pipeline's sockets to a caller's poller (see ``process``)."""
         poller.register(self._results, zmq.POLLIN)
         poller.register(self._ctl, zmq.POLLIN)
-        events = dict(poller.poll(timeout_ms))
+
+    def poll(self, timeout_ms: int = 100) -> list[FrameResult]:
+        """Wait up to timeout_ms for results and control messages; return finished frames."""
+        poller = zmq.Poller()
+        self.register(poller)
+        return self.process(dict(poller.poll(timeout_ms)))
+
+    def process(self, events: dict) -> list[FrameResult]:
+        """Handle whatever of the pipeline's sockets is ready in ``events``; return finished frames."""
+        done: list[FrameResult] = []
         if self._ctl in events:
             self._drain_control(done)
         if self._results in events:
@@ -312,7 +351,10 @@ class Pipeline:
                 res = self._on_result(parts)
                 if res is not None:
                     done.append(res)
-        self.check_workers()
+        now = time.monotonic()
+        if now - self._last_check > 0.2:
+            self._last_check = now
+            self.check_workers()
         return done
 
     def _on_result(self, parts: list) -> FrameResult | None:

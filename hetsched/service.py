@@ -36,6 +36,7 @@ class Prepared:
     plan: Plan
     transfer: TransferModel
     warnings: list[str] = field(default_factory=list)
+    with_preprocess: bool = False  # layer 0 of the plan is image preprocessing
 
     def cluster_specs(self) -> list[ClusterSpec]:
         return [ClusterSpec(c.name, c.cores) for c in self.clusters]
@@ -89,7 +90,8 @@ def emulation(clusters: Sequence[Cluster], period_ms: float | None = None,
 
 
 def prepare(cfg: Config, *, progress: Progress | None = None, sysfs_root: str = "/sys",
-            use_cache: bool | None = None, clusters: list[Cluster] | None = None) -> Prepared:
+            use_cache: bool | None = None, clusters: list[Cluster] | None = None,
+            with_preprocess: bool = False) -> Prepared:
     """Everything up to the plan. Call inside ``emulation(...)`` so costs see the emulated speed."""
     note = progress or (lambda msg: None)
     topo = detect_topology(sysfs_root)
@@ -120,4 +122,29 @@ def prepare(cfg: Config, *, progress: Progress | None = None, sysfs_root: str = 
     plan = plan_pipeline(costs, [ClusterSpec(c.name, c.cores) for c in clusters], transfer,
                          max_stages=p.max_stages, tie_tolerance=p.tie_tolerance, allow_replicas=p.allow_replicas,
                          forced_cuts=p.forced_cuts)
-    return Prepared(cfg, topo, list(clusters), model, graph, measurements, costs, plan, transfer, warnings)
+    return Prepared(cfg, topo, list(clusters), model, graph, measurements, costs, plan, transfer, warnings,
+                    with_preprocess)
+
+
+@contextlib.contextmanager
+def running_service(prep: Prepared, bind: str | None = None, *, with_preprocess: bool = True,
+                    max_inflight: int | None = None):
+    """Start the pipeline's workers and the client socket; stop both on exit (workers reaped)."""
+    from hetsched.coordinator import Pipeline
+    from hetsched.preprocess import ImageLimits
+    from hetsched.server import Server, ServerLimits
+
+    cfg = prep.config
+    pipe = Pipeline(prep.model, prep.graph, prep.plan, transport=cfg.transport.kind, host=cfg.transport.host,
+                    hwm=cfg.transport.hwm, max_inflight=max_inflight or cfg.server.max_inflight,
+                    preprocess=cfg.input if prep.with_preprocess else None, image_limits=ImageLimits())
+    server = None
+    try:
+        pipe.start()
+        server = Server(pipe, bind or cfg.server.bind, labels_path=cfg.input.labels, top_k=cfg.input.top_k,
+                        limits=ServerLimits(max_pending=cfg.server.max_pending))
+        yield server
+    finally:
+        if server is not None:
+            server.close()
+        pipe.stop(drain_timeout=0)

@@ -51,6 +51,7 @@ def main(spec: dict) -> int:
 
     import zmq
 
+    from hetsched.errors import ShapeMismatch
     from hetsched.stage_protocol import Hop, control, decode_header, encode_header, parse_control, views
 
     ctx = zmq.Context(io_threads=1)
@@ -73,13 +74,26 @@ def main(spec: dict) -> int:
             # Spinning threads would burn the cycles the next frame's wait could give to others.
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        sess = ort.InferenceSession(spec["model_path"], so, providers=["CPUExecutionProvider"])
-        in_names = [i.name for i in sess.get_inputs()]
-        out_names = [o.name for o in sess.get_outputs()]
         passthrough = list(spec.get("passthrough", []))
         expected_in = [(t["dtype"], tuple(t["shape"])) for t in spec["inputs"]]
         feed_names = [t["name"] for t in spec["inputs"]]
-        send_names = out_names + passthrough
+        prep = None
+        if spec.get("preprocess") is not None:
+            # This stage also decodes images: encoded bytes (uint8, 1-D) become the model input.
+            from hetsched.config import InputConfig
+            from hetsched.preprocess import ImageLimits, preprocess_encoded
+            prep_cfg = InputConfig(**spec["preprocess"])
+            prep_limits = ImageLimits(**spec.get("image_limits", {}))
+            prep = lambda data: preprocess_encoded(data, prep_cfg, prep_limits)  # noqa: E731
+        if spec.get("model_path"):
+            sess = ort.InferenceSession(spec["model_path"], so, providers=["CPUExecutionProvider"])
+            in_names = [i.name for i in sess.get_inputs()]
+            out_names = [o.name for o in sess.get_outputs()]
+            session_info = {"inputs": [{"name": i.name, "shape": i.shape, "type": i.type} for i in sess.get_inputs()],
+                            "outputs": [{"name": o.name, "shape": o.shape, "type": o.type} for o in sess.get_outputs()]}
+        else:  # a preprocessing-only stage
+            sess, in_names, out_names = None, [], []
+            session_info = {"inputs": [], "outputs": []}
 
         inp = ctx.socket(zmq.PULL)
         inp.setsockopt(zmq.RCVHWM, spec["hwm"])
@@ -89,9 +103,7 @@ def main(spec: dict) -> int:
 
         ctl.send(control("READY", stage=spec["stage"], replica=spec["replica"], pid=os.getpid(),
                          cores=sorted(os.sched_getaffinity(0)), endpoint=endpoint,
-                         inputs=[{"name": i.name, "shape": i.shape, "type": i.type} for i in sess.get_inputs()],
-                         outputs=[{"name": o.name, "shape": o.shape, "type": o.type} for o in sess.get_outputs()],
-                         passthrough=passthrough))
+                         passthrough=passthrough, preprocess=prep is not None, **session_info))
         deadline = time.monotonic() + spec.get("connect_timeout", 60.0)
         downstream = None
         while downstream is None:
@@ -135,12 +147,19 @@ def main(spec: dict) -> int:
                 parts = inp.recv_multipart(copy=False)
                 try:
                     hdr = decode_header(parts[0].buffer)
-                    arrays = views(hdr, parts[1:], expected_in)
-                    feed = dict(zip(feed_names, arrays))
                     t_start = monotonic()
-                    outs = sess.run(out_names, {n: feed[n] for n in in_names})
+                    if prep is not None and hdr.tensors and hdr.tensors[0][0] == "uint8" \
+                            and len(hdr.tensors[0][1]) == 1:
+                        arrays = [prep(parts[1].buffer)]
+                        if [(a.dtype.name, a.shape) for a in arrays] != expected_in:
+                            raise ShapeMismatch(f"preprocessed image is {arrays[0].dtype}{list(arrays[0].shape)}, "
+                                                f"model expects {expected_in}")
+                    else:
+                        arrays = views(hdr, parts[1:], expected_in)
+                    feed = dict(zip(feed_names, arrays))
+                    outs = sess.run(out_names, {n: feed[n] for n in in_names}) if sess is not None else []
                     t_end = monotonic()
-                    sending = outs + [feed[n] for n in passthrough]
+                    sending = list(outs) + [feed[n] for n in passthrough]
                     header = encode_header(hdr.frame_id, hdr.t_submit, sending,
                                            hdr.hops + (Hop(stage, replica, t_recv, t_start, t_end),))
                 except Exception as exc:  # a bad frame must not kill the stage

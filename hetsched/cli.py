@@ -1,0 +1,350 @@
+"""The ``hetsched`` command line. Only this module configures logging and prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+from hetsched.errors import HetschedError
+
+DEFAULT_CONFIG = "configs/big_little.yaml"
+log = logging.getLogger("hetsched")
+
+
+def eprint(*args: Any) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set the flag (graceful stop); a second signal forces the stop."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.count = 0
+
+    def install(self) -> "StopFlag":
+        def handler(signum, frame):
+            self.count += 1
+            self.event.set()
+            if self.count == 1:
+                eprint(f"\n{signal.Signals(signum).name}: draining and stopping (again to force)")
+            else:
+                raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __call__(self) -> bool:
+        return self.event.is_set()
+
+
+def load_cfg(args: argparse.Namespace):
+    from hetsched.config import Config, load_config
+    path = getattr(args, "config", None)
+    if path is None:
+        path = DEFAULT_CONFIG if os.path.isfile(DEFAULT_CONFIG) else None
+    cfg = load_config(path) if path else Config(little_speed=0.5)  # built-in default: big + emulated little
+    if getattr(args, "model", None):
+        cfg = cfg.with_overrides(model=os.path.abspath(args.model))
+    if getattr(args, "no_cache", False):
+        import dataclasses
+        cfg = cfg.with_overrides(profile=dataclasses.replace(cfg.profile, cache=False))
+    if getattr(args, "labels", None):
+        import dataclasses
+        cfg = cfg.with_overrides(input=dataclasses.replace(cfg.input, labels=os.path.abspath(args.labels)))
+    return cfg
+
+
+def _progress(quiet: bool) -> Callable[[str], None]:
+    return (lambda msg: None) if quiet else (lambda msg: eprint(f"  {msg}"))
+
+
+# ---------------------------------------------------------------------------------- topology
+def cmd_topology(args: argparse.Namespace) -> int:
+    from hetsched.topology import detect_topology, format_topology
+    topo = detect_topology(args.sysfs_root)
+    if args.config:
+        import dataclasses
+
+        from hetsched.config import load_config, resolve_clusters
+        clusters = resolve_clusters(load_config(args.config), topo)
+        topo = dataclasses.replace(topo, clusters=tuple(clusters))
+    if args.json:
+        print(json.dumps(topo.to_dict(), indent=2))
+    else:
+        print(format_topology(topo))
+    return 0
+
+
+# ---------------------------------------------------------------------------------- plan
+def plan_report(prep) -> str:
+    from hetsched.graph import layer_table
+    from hetsched.planner import format_plan
+    lines = []
+    for c in prep.clusters:
+        emu = f"  EMULATED: delivers {c.emulated_speed:.0%} of its cycles" if c.emulated_speed else ""
+        lines.append(f"cluster {c.name:<8} cores {list(c.cores)}{emu}")
+    lines.append("")
+    lines.append(format_plan(prep.plan))
+    if prep.measurements:
+        lines.append(f"limit (sum of each core's standalone single-thread throughput): {prep.limit_fps():.1f} frames/s")
+    for w in prep.warnings:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from hetsched.service import emulation, prepare
+    cfg = load_cfg(args)
+    from hetsched.config import resolve_clusters
+    from hetsched.topology import detect_topology
+    clusters = resolve_clusters(cfg, detect_topology())
+    with emulation(clusters, cfg.emulation_period_ms, _progress(args.json)):
+        prep = prepare(cfg, progress=_progress(args.json), clusters=clusters, with_preprocess=args.preprocess)
+    if args.json:
+        out = prep.plan.to_dict()
+        out["clusters"] = [c.to_dict() for c in prep.clusters]
+        out["limit_fps"] = prep.limit_fps()
+        out["layers"] = [{"index": l.index, "name": l.name, "flops": l.flops, "params": l.params}
+                         for l in prep.graph.layers]
+        print(json.dumps(out, indent=2))
+    else:
+        print(plan_report(prep))
+        if args.layers:
+            from hetsched.graph import layer_table
+            print("\n" + "\n".join(layer_table(prep.graph)))
+    return 0
+
+
+# ---------------------------------------------------------------------------------- start / demo
+def _serve(args: argparse.Namespace, demo: Callable | None) -> int:
+    from hetsched.config import resolve_clusters
+    from hetsched.service import emulation, prepare, running_service
+    from hetsched.topology import detect_topology
+
+    stop = StopFlag().install()
+    cfg = load_cfg(args)
+    clusters = resolve_clusters(cfg, detect_topology())
+    progress = _progress(False)
+    eprint("hetsched: preparing")
+    with emulation(clusters, cfg.emulation_period_ms, progress):
+        prep = prepare(cfg, progress=progress, clusters=clusters, with_preprocess=True)
+        print(plan_report(prep), flush=True)
+        bind = args.bind or (cfg.server.bind if demo is None else f"ipc://{_tmp_socket()}")
+        with running_service(prep, bind) as server:
+            eprint(f"hetsched: serving on {server.endpoint} "
+                   f"({len(server.pipe.workers)} workers; Ctrl+C to stop)")
+            result: dict = {}
+            if demo is not None:
+                th = threading.Thread(target=demo, args=(server.endpoint, prep, result, stop), daemon=True)
+                th.start()
+                should_stop = lambda: stop() or not th.is_alive()  # noqa: E731
+            else:
+                should_stop = stop
+            tick = None if demo is not None else _status_ticker()
+            server.serve(should_stop, on_tick=tick, drain_timeout=args.drain_timeout)
+            if demo is not None:
+                th.join(5)
+                _print_demo(result, prep, server)
+                if result.get("error"):
+                    eprint(f"demo failed: {result['error']}")
+                    return 1
+    eprint("hetsched: stopped")
+    return 0
+
+
+def _tmp_socket() -> str:
+    import tempfile
+    return os.path.join(tempfile.mkdtemp(prefix="hetsched-demo-"), "client")
+
+
+def _status_ticker() -> Callable:
+    def tick(server) -> None:
+        snap = server.snapshot()
+        rates = " ".join(f"s{s['stage']}:{s['frames']}f/{s['utilization']:.0%}" for s in snap["stages"])
+        eprint(f"\r  up {snap['uptime_s']:.0f}s  completed {snap['completed']}  errors {snap['errors']}  "
+               f"busy {snap['busy']}  queue {snap['queue']['pending']}+{snap['queue']['in_flight']}  {rates}   ",
+               end="")
+    return tick
+
+
+def demo_frames(n_images: int = 8):
+    """A built-in set of frames: synthetic JPEG images (so the demo needs no files)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    frames = []
+    for i in range(n_images):
+        h, w = 360 + 40 * (i % 3), 480 + 40 * (i % 4)
+        yy, xx = np.mgrid[0:h, 0:w]
+        img = np.stack([(xx * (i + 1)) % 256, (yy * (i + 2)) % 256, ((xx + yy) * 3) % 256], -1)
+        img = (img + rng.integers(0, 30, img.shape)).clip(0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=90)
+        frames.append((f"synthetic-{i}.jpg", buf.getvalue()))
+    return frames
+
+
+def _demo_client(n_frames: int) -> Callable:
+    def run(endpoint: str, prep, result: dict, stop) -> None:
+        from hetsched.client import Client
+        try:
+            frames = demo_frames()
+            with Client(endpoint, timeout=60) as c:
+                t0 = time.monotonic()
+                sent = got = 0
+                window = 16
+                replies = []
+                while got < n_frames and not stop():
+                    while sent < n_frames and sent - got < window:
+                        name, data = frames[sent % len(frames)]
+                        c.submit(data, stream="demo")
+                        sent += 1
+                    rep = c.recv(30)
+                    if rep is None:
+                        raise HetschedError("no reply for 30 s")
+                    if rep.get("type") in ("result", "error"):
+                        got += 1
+                        replies.append(rep)
+                result.update(replies=replies, seconds=time.monotonic() - t0, names=[n for n, _ in frames])
+                result["stats"] = c.stats()
+        except Exception as exc:  # reported by the main thread
+            result["error"] = f"{type(exc).__name__}: {exc}"
+    return run
+
+
+def _print_demo(result: dict, prep, server) -> None:
+    import numpy as np
+    reps = result.get("replies", [])
+    if not reps:
+        return
+    names = result["names"]
+    ok = [r for r in reps if r["type"] == "result"]
+    lat = [r["latency_ms"] for r in ok]
+    print("\nresults (first frame of each built-in image; weights are synthetic, classes are arbitrary):")
+    for r in ok[:len(names)]:
+        top = r["top_k"][0]
+        print(f"  {names[r['seq'] % len(names)]:<18} top-1 class {top['index']:>4}  score {top['score']:.3f}"
+              f"  latency {r['latency_ms']:.1f} ms")
+    fps = len(reps) / result["seconds"] if result["seconds"] > 0 else 0.0
+    print(f"\nstreamed {len(reps)} frames through the client socket in {result['seconds']:.2f} s: "
+          f"{fps:.1f} frames/s (predicted {prep.plan.throughput_fps:.1f}, limit {prep.limit_fps():.1f})")
+    if lat:
+        print(f"latency p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms; "
+              f"errors {len(reps) - len(ok)}")
+    from hetsched.report import format_stage_table
+    print("\n" + format_stage_table(server.snapshot()))
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    return _serve(args, None)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return _serve(args, _demo_client(args.frames))
+
+
+# ---------------------------------------------------------------------------------- emulate
+def cmd_emulate(args: argparse.Namespace) -> int:
+    from hetsched.emulation import EmulatedCore, Emulator
+    stop = StopFlag().install()
+    cores = [EmulatedCore(c, args.speed) for c in args.cores]
+    with Emulator(cores) as emu:
+        eprint(f"emulating: cores {args.cores} deliver {args.speed:.0%} of their cycles "
+               f"(co-runner pids {emu.pids}); Ctrl+C to stop")
+        t_end = time.monotonic() + args.duration if args.duration else None
+        while not stop() and (t_end is None or time.monotonic() < t_end):
+            stop.event.wait(0.2)
+    eprint("emulation stopped; co-runners reaped")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hetsched", description="Pipeline CNN inference across heterogeneous CPU clusters")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, model=True):
+        sp.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG} if present, else built-in)")
+        if model:
+            sp.add_argument("--model", help="ONNX model path (overrides the config's model)")
+            sp.add_argument("--no-cache", action="store_true", help="re-measure layer costs instead of using the cache")
+
+    sp = sub.add_parser("topology", help="show this host's CPU clusters")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--sysfs-root", default="/sys")
+    sp.add_argument("--config", help="also apply a config's cluster settings (emulation)")
+    sp.set_defaults(func=cmd_topology)
+
+    sp = sub.add_parser("plan", help="profile the model on each cluster and show the stage plan")
+    common(sp)
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--layers", action="store_true", help="also list the layers between cut points")
+    sp.add_argument("--preprocess", action="store_true", help="include image preprocessing as the first layer")
+    sp.set_defaults(func=cmd_plan)
+
+    sp = sub.add_parser("start", help="run the pipeline service until Ctrl+C")
+    common(sp)
+    sp.add_argument("--bind", help="client socket address (default: the config's server.bind)")
+    sp.add_argument("--labels", help="class label file (one per line)")
+    sp.add_argument("--drain-timeout", type=float, default=10.0)
+    sp.set_defaults(func=cmd_start)
+
+    sp = sub.add_parser("demo", help="start the service, stream built-in frames through it, report, stop")
+    common(sp)
+    sp.add_argument("--frames", type=int, default=400)
+    sp.add_argument("--bind", help="client socket address (default: a private ipc:// socket)")
+    sp.add_argument("--labels", help="class label file")
+    sp.add_argument("--drain-timeout", type=float, default=10.0)
+    sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("emulate", help="make cores deliver a fraction of their cycles (until Ctrl+C)")
+    sp.add_argument("--cores", type=int, nargs="+", required=True)
+    sp.add_argument("--speed", type=float, required=True)
+    sp.add_argument("--duration", type=float, default=None)
+    sp.set_defaults(func=cmd_emulate)
+
+    for extra in _extra_commands():
+        extra(sub, common)
+    return p
+
+
+def _extra_commands() -> list:
+    out = []
+    for mod in ("hetsched.feed", "hetsched.profile_cli", "hetsched.bench"):
+        try:
+            m = __import__(mod, fromlist=["add_parser"])
+        except ImportError:
+            continue
+        out.append(m.add_parser)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * args.verbose
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except HetschedError as exc:
+        eprint(f"hetsched: error: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        eprint("hetsched: forced stop")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Python client for a running hetsched service (protocol in docs/protocol.md).
+
+    with Client("tcp://127.0.0.1:5555") as c:
+        c.submit(open("cat.jpg", "rb").read(), stream="cam0")
+        c.submit(np_array_float32, stream="cam0")          # raw tensor of the model's input shape
+        for reply in c.replies(expect=2):
+            print(reply["seq"], reply["top_k"][0])
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import zmq
+
+from hetsched import client_protocol as cp
+from hetsched.errors import HetschedError
+
+
+class Client:
+    def __init__(self, endpoint: str, *, timeout: float = 30.0, context: zmq.Context | None = None,
+                 identity: bytes | None = None):
+        self._own_ctx = context is None
+        self._ctx = context or zmq.Context()
+        self.sock = self._ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 1000)
+        self.sock.setsockopt(zmq.RCVHWM, 1000)
+        if identity:
+            self.sock.setsockopt(zmq.IDENTITY, identity)
+        self.sock.connect(endpoint)
+        self.endpoint, self.timeout = endpoint, timeout
+        self._seqs: dict[str, itertools.count] = {}
+        self._side: list[dict] = []  # non-frame replies seen while waiting for frame replies
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        if self._own_ctx:
+            self._ctx.term()
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, data: np.ndarray | bytes | memoryview, stream: str = "default", seq: int | None = None,
+               encoding: str | None = None, want_outputs: bool = False) -> int:
+        """Send one frame: a numpy tensor (raw) or encoded JPEG/PNG bytes. Returns its seq."""
+        if seq is None:
+            seq = next(self._seqs.setdefault(stream, itertools.count()))
+        head: dict = {"type": "submit", "stream": stream, "seq": seq}
+        if want_outputs:
+            head["outputs"] = True
+        if isinstance(data, np.ndarray):
+            arr = np.ascontiguousarray(data)
+            head.update(encoding="raw", dtype=arr.dtype.name, shape=list(arr.shape))
+            payload: Any = arr
+        else:
+            head["encoding"] = encoding or "image"
+            payload = data
+        self.sock.send_multipart([cp.encode(head), payload], copy=False)
+        return seq
+
+    def send_raw(self, parts: list) -> None:
+        """Send arbitrary frames (for tests of hostile input)."""
+        self.sock.send_multipart(parts)
+
+    def _request(self, msg: dict, reply_type: str) -> dict:
+        self.sock.send_multipart([cp.encode(msg)])
+        deadline = time.monotonic() + self.timeout
+        while True:
+            rep = self.recv(max(0.0, deadline - time.monotonic()))
+            if rep is None:
+                raise HetschedError(f"no {reply_type} reply from {self.endpoint} within {self.timeout:.0f} s")
+            if rep.get("type") == reply_type:
+                return rep
+            self._side.append(rep)
+
+    def hello(self) -> dict:
+        return self._request({"type": "hello"}, "hello")
+
+    def stats(self) -> dict:
+        return self._request({"type": "stats"}, "stats")
+
+    def query(self, stream: str) -> dict:
+        return self._request({"type": "query", "stream": stream}, "query")
+
+    # ------------------------------------------------------------------ replies
+    def recv(self, timeout: float | None = None) -> dict | None:
+        """Next reply (result, error, ...) or None after ``timeout`` seconds."""
+        if self._side:
+            return self._side.pop(0)
+        t = self.timeout if timeout is None else timeout
+        if not self.sock.poll(int(t * 1000)):
+            return None
+        parts = self.sock.recv_multipart(copy=False)
+        msg = cp.json.loads(parts[0].bytes)
+        if msg.get("type") == "result" and "outputs" in msg:
+            msg["arrays"] = [np.frombuffer(f.buffer, dtype=o["dtype"]).reshape(o["shape"])
+                             for o, f in zip(msg["outputs"], parts[1:])]
+        return msg
+
+    def replies(self, expect: int, timeout: float | None = None) -> Iterator[dict]:
+        """Yield ``expect`` frame replies (results or errors); raise if one takes longer than timeout."""
+        got = 0
+        while got < expect:
+            rep = self.recv(timeout)
+            if rep is None:
+                raise HetschedError(f"timed out waiting for reply {got + 1} of {expect}")
+            if rep.get("type") in ("result", "error"):
+                got += 1
+                yield rep

@@ -1,0 +1,139 @@
+"""The client wire protocol (version 1), documented in docs/protocol.md.
+
+Transport: ZeroMQ. The server binds a ROUTER socket; clients connect a DEALER socket. Every
+message is multipart: a UTF-8 JSON header frame, then zero or more binary payload frames.
+Nothing on the wire is ever unpickled or evaluated.
+
+Client -> server:  submit (1 payload frame), hello, stats, query
+Server -> client:  result (0..n payload frames), error, hello, stats, query
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from hetsched.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 16 * 1024
+MAX_STREAM_NAME = 128
+ENCODINGS = ("jpeg", "png", "image", "raw")
+DTYPES = ("float32", "float16", "float64", "uint8", "int8", "int32", "int64")
+CLIENT_TYPES = ("submit", "hello", "stats", "query")
+
+# Error codes (see docs/protocol.md for what each means and whether a retry can help).
+ERROR_CODES = {
+    "BAD_HEADER": "header frame is not a JSON object of the documented form",
+    "BAD_VERSION": "unsupported protocol version",
+    "BAD_TYPE": "unknown message type",
+    "BAD_FRAMES": "wrong number of payload frames",
+    "BAD_IMAGE": "payload is not a decodable JPEG/PNG image",
+    "IMAGE_TOO_LARGE": "image dimensions over the limit (checked before decoding)",
+    "IMAGE_TOO_SMALL": "image dimensions under the minimum",
+    "TOO_LARGE": "payload over the size limit",
+    "BAD_DTYPE": "raw tensor dtype not accepted",
+    "SHAPE_MISMATCH": "raw tensor shape or size differs from the model input",
+    "NO_PREPROCESS": "this service takes raw tensors only",
+    "BUSY": "the service is full: the frame was NOT accepted; resend later",
+    "LIMIT": "a per-client limit (streams, frames in flight) was reached; the frame was NOT accepted",
+    "STAGE_FAILED": "a pipeline stage failed on this frame",
+    "SHUTTING_DOWN": "the service is stopping and accepts no new frames",
+    "TIMEOUT": "the frame was accepted but not finished before the service stopped",
+}
+
+
+@dataclass(frozen=True)
+class Submit:
+    stream: str
+    seq: int
+    encoding: str
+    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
+    want_outputs: bool = False
+
+
+def encode(msg: dict) -> bytes:
+    return json.dumps({"v": PROTOCOL_VERSION, **msg}, separators=(",", ":")).encode()
+
+
+def decode_header(raw: bytes | memoryview) -> dict:
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError("BAD_HEADER", f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        msg = json.loads(bytes(raw).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError("BAD_HEADER", f"header is not UTF-8 JSON: {exc}") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("BAD_HEADER", "header must be a JSON object")
+    v = msg.get("v")
+    if v != PROTOCOL_VERSION:
+        raise ProtocolError("BAD_VERSION", f"protocol version {v!r} not supported (server speaks {PROTOCOL_VERSION})")
+    t = msg.get("type")
+    if t not in CLIENT_TYPES:
+        raise ProtocolError("BAD_TYPE", f"unknown message type {t!r} (expected one of {', '.join(CLIENT_TYPES)})")
+    return msg
+
+
+def parse_submit(msg: dict, n_payload: int) -> Submit:
+    stream = msg.get("stream", "default")
+    if not isinstance(stream, str) or not 0 < len(stream) <= MAX_STREAM_NAME:
+        raise ProtocolError("BAD_HEADER", f"stream must be a string of 1..{MAX_STREAM_NAME} characters")
+    seq = msg.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0 or seq >= 2**63:
+        raise ProtocolError("BAD_HEADER", "seq must be a non-negative integer")
+    enc = msg.get("encoding", "image")
+    if enc not in ENCODINGS:
+        raise ProtocolError("BAD_HEADER", f"encoding must be one of {', '.join(ENCODINGS)}")
+    if n_payload != 1:
+        raise ProtocolError("BAD_FRAMES", f"submit carries exactly 1 payload frame, got {n_payload}")
+    dtype = shape = None
+    if enc == "raw":
+        dtype = msg.get("dtype")
+        if dtype not in DTYPES:
+            raise ProtocolError("BAD_DTYPE", f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        shape = msg.get("shape")
+        if (not isinstance(shape, list) or not 0 < len(shape) <= 8
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1 << 20 for d in shape)):
+            raise ProtocolError("SHAPE_MISMATCH", "shape must be a list of 1..8 positive integers")
+        shape = tuple(shape)
+    return Submit(stream, seq, enc, dtype, shape, bool(msg.get("outputs", False)))
+
+
+def raw_tensor(sub: Submit, payload: Any, expected: tuple[str, tuple[int, ...]], max_elements: int) -> np.ndarray:
+    """View a raw payload as the model input, checking dtype, shape and byte size."""
+    n = int(np.prod(sub.shape, dtype=np.int64))
+    if n > max_elements:
+        raise ProtocolError("TOO_LARGE", f"tensor of {n} elements exceeds the limit of {max_elements}")
+    if (sub.dtype, sub.shape) != expected:
+        raise ProtocolError("SHAPE_MISMATCH", f"got {sub.dtype}{list(sub.shape)}, model input is "
+                                              f"{expected[0]}{list(expected[1])}")
+    buf = payload.buffer if hasattr(payload, "buffer") else payload
+    if len(buf) != n * np.dtype(sub.dtype).itemsize:
+        raise ProtocolError("SHAPE_MISMATCH", f"payload has {len(buf)} bytes, {sub.dtype}{list(sub.shape)} "
+                                              f"needs {n * np.dtype(sub.dtype).itemsize}")
+    return np.frombuffer(buf, dtype=sub.dtype).reshape(sub.shape)
+
+
+def result_message(stream: str, seq: int, top: Sequence[dict], latency_ms: float, stages: Sequence[dict],
+                   outputs: Sequence[np.ndarray] | None, output_names: Sequence[str]) -> list:
+    head = {"type": "result", "stream": stream, "seq": seq, "top_k": list(top), "latency_ms": round(latency_ms, 3),
+            "stages": list(stages)}
+    frames: list = []
+    if outputs is not None:
+        head["outputs"] = [{"name": n, "dtype": a.dtype.name, "shape": list(a.shape)}
+                           for n, a in zip(output_names, outputs)]
+        frames = [np.ascontiguousarray(a) for a in outputs]
+    return [encode(head), *frames]
+
+
+def error_message(code: str, message: str, stream: str | None = None, seq: int | None = None) -> list:
+    head: dict = {"type": "error", "code": code, "message": message}
+    if stream is not None:
+        head["stream"] = stream
+    if seq is not None:
+        head["seq"] = seq
+    return [encode(head)]

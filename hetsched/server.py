@@ -1,0 +1,302 @@
+"""The client-facing front of the coordinator: a ZeroMQ ROUTER socket speaking docs/protocol.md.
+
+One thread, one poller: client messages, pipeline results and worker control all arrive in the
+same loop. Accepted frames wait in a bounded queue until the pipeline's in-flight window has room;
+when that queue is full a frame is refused with BUSY (never dropped silently). Results are
+released per (client, stream) in the order the frames were sent. Replies go through a per-client
+outbox with non-blocking sends, so one slow client never stalls the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import zmq
+
+from hetsched import client_protocol as cp
+from hetsched.coordinator import FrameResult, Pipeline
+from hetsched.errors import ProtocolError
+from hetsched.preprocess import ImageLimits, load_labels, sniff_format, top_k
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerLimits:
+    max_message_bytes: int = 32 * 1024 * 1024   # zmq MAXMSGSIZE: bigger messages drop the connection
+    max_tensor_elements: int = 16 * 1024 * 1024
+    max_streams_per_client: int = 64
+    max_inflight_per_client: int = 256
+    max_pending: int = 64                      # accepted frames waiting for the pipeline (all clients)
+    max_outbox: int = 4096                     # replies queued for one slow client
+
+
+@dataclass
+class _Entry:
+    seq: int
+    reply: list | None = None
+
+
+@dataclass
+class _Client:
+    identity: bytes
+    streams: dict[str, deque] = field(default_factory=dict)
+    outbox: deque = field(default_factory=deque)
+    inflight: int = 0
+    frames: int = 0
+    last_seen: float = 0.0
+    delivered: dict[str, int] = field(default_factory=dict)  # stream -> last seq replied
+
+
+@dataclass
+class _Job:
+    client: _Client
+    stream: str
+    entry: _Entry
+    kind: str  # "raw" | "encoded"
+    data: Any
+    want_outputs: bool
+    t_accepted: float
+
+
+class Server:
+    def __init__(self, pipeline: Pipeline, bind: str, *, labels_path: str | None = None, top_k: int = 5,
+                 limits: ServerLimits | None = None, image_limits: ImageLimits | None = None,
+                 context: zmq.Context | None = None):
+        self.pipe = pipeline
+        self.limits = limits or ServerLimits()
+        self.image_limits = image_limits or ImageLimits()
+        self.labels = load_labels(labels_path)
+        self.top_k = top_k
+        self._ctx = context or zmq.Context.instance()
+        self.front = self._ctx.socket(zmq.ROUTER)
+        self.front.setsockopt(zmq.LINGER, 0)
+        self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.front.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
+        self.front.setsockopt(zmq.SNDHWM, 1000)
+        self.front.setsockopt(zmq.RCVHWM, 1000)
+        self.front.bind(bind)
+        self.endpoint = self.front.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.clients: dict[bytes, _Client] = {}
+        self.pending: deque[_Job] = deque()
+        self.jobs: dict[int, _Job] = {}
+        self.accepting = True
+        self.counters = {"accepted": 0, "completed": 0, "errors": 0, "busy": 0, "rejected": 0}
+        self.t_start = time.monotonic()
+        self._in_expected = (pipeline.graph.inputs[0].dtype, pipeline.graph.inputs[0].shape)
+        self._out_names = [t.name for t in pipeline.graph.outputs]
+
+    # ------------------------------------------------------------------ loop
+    def serve(self, should_stop: Callable[[], bool], on_tick: Callable[["Server"], None] | None = None,
+              tick_s: float = 1.0, drain_timeout: float = 10.0) -> None:
+        poller = zmq.Poller()
+        poller.register(self.front, zmq.POLLIN)
+        self.pipe.register(poller)
+        next_tick = time.monotonic() + tick_s
+        while not should_stop():
+            self.step(poller, 20)
+            if on_tick and time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + tick_s
+                on_tick(self)
+        self.drain(poller, drain_timeout)
+
+    def step(self, poller: zmq.Poller, timeout_ms: int) -> None:
+        events = dict(poller.poll(timeout_ms))
+        if self.front in events:
+            for _ in range(256):
+                try:
+                    parts = self.front.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._on_client(parts)
+        for res in self.pipe.process(events):
+            self._on_result(res)
+        self._pump()
+        self._flush_all()
+
+    def drain(self, poller: zmq.Poller, timeout: float) -> None:
+        """Stop accepting; finish accepted frames within ``timeout``; error the rest; flush replies."""
+        self.accepting = False
+        deadline = time.monotonic() + timeout
+        while (self.pending or self.jobs) and time.monotonic() < deadline:
+            self.step(poller, 20)
+        for job in list(self.pending) + list(self.jobs.values()):
+            self._finish(job, cp.error_message("TIMEOUT", "not finished before the service stopped",
+                                               job.stream, job.entry.seq))
+        self.pending.clear()
+        self.jobs.clear()
+        end = time.monotonic() + 1.0
+        while any(c.outbox for c in self.clients.values()) and time.monotonic() < end:
+            self._flush_all()
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        self.front.close(linger=0)
+
+    # ------------------------------------------------------------------ client messages
+    def _client(self, identity: bytes) -> _Client:
+        c = self.clients.get(identity)
+        if c is None:
+            c = self.clients[identity] = _Client(identity)
+        c.last_seen = time.monotonic()
+        return c
+
+    def _reply_now(self, client: _Client, parts: list) -> None:
+        client.outbox.append(parts)
+
+    def _on_client(self, parts: list) -> None:
+        if len(parts) < 2:
+            return
+        client = self._client(parts[0].bytes)
+        stream = seq = None
+        try:
+            msg = cp.decode_header(parts[1].buffer)
+            t = msg["type"]
+            if t == "hello":
+                self._reply_now(client, [cp.encode(self.hello())])
+            elif t == "stats":
+                self._reply_now(client, [cp.encode({"type": "stats", **self.snapshot()})])
+            elif t == "query":
+                s = msg.get("stream", "default")
+                pend = [e.seq for e in client.streams.get(s, ())]
+                self._reply_now(client, [cp.encode({"type": "query", "stream": s,
+                                                    "last_delivered": client.delivered.get(s),
+                                                    "pending": pend})])
+            else:
+                stream, seq = msg.get("stream"), msg.get("seq")
+                self._on_submit(client, cp.parse_submit(msg, len(parts) - 2), parts[2])
+        except ProtocolError as exc:
+            self.counters["rejected" if exc.code not in ("BUSY", "LIMIT") else "busy"] += 1
+            self._reply_now(client, cp.error_message(exc.code, exc.detail,
+                                                     stream if isinstance(stream, str) else None,
+                                                     seq if isinstance(seq, int) else None))
+
+    def _on_submit(self, client: _Client, sub: cp.Submit, payload: Any) -> None:
+        if not self.accepting:
+            raise ProtocolError("SHUTTING_DOWN", "the service is stopping")
+        if len(self.pending) >= self.limits.max_pending:
+            raise ProtocolError("BUSY", f"{len(self.pending)} frames already queued; resend later")
+        if client.inflight >= self.limits.max_inflight_per_client:
+            raise ProtocolError("LIMIT", f"{client.inflight} frames in flight for this client "
+                                         f"(limit {self.limits.max_inflight_per_client})")
+        if sub.stream not in client.streams and len(client.streams) >= self.limits.max_streams_per_client:
+            raise ProtocolError("LIMIT", f"more than {self.limits.max_streams_per_client} streams for this client")
+        if sub.encoding == "raw":
+            data = cp.raw_tensor(sub, payload, self._in_expected, self.limits.max_tensor_elements)
+            kind = "raw"
+        else:
+            if self.pipe.preprocess is None:
+                raise ProtocolError("NO_PREPROCESS", "this service was started for raw tensors only")
+            size = len(payload.buffer)
+            if size > self.image_limits.max_encoded_bytes:
+                raise ProtocolError("TOO_LARGE", f"image of {size} bytes exceeds {self.image_limits.max_encoded_bytes}")
+            fmt = sniff_format(payload.buffer)
+            if fmt is None or (sub.encoding in ("jpeg", "png") and fmt != sub.encoding):
+                raise ProtocolError("BAD_IMAGE", f"payload is not a {sub.encoding.upper() if sub.encoding != 'image' else 'JPEG/PNG'} image")
+            data, kind = payload, "encoded"
+        entry = _Entry(sub.seq)
+        client.streams.setdefault(sub.stream, deque()).append(entry)
+        client.inflight += 1
+        client.frames += 1
+        self.counters["accepted"] += 1
+        self.pending.append(_Job(client, sub.stream, entry, kind, data, sub.want_outputs, time.monotonic()))
+
+    # ------------------------------------------------------------------ pipeline
+    def _pump(self) -> None:
+        while self.pending and self.pipe.can_submit:
+            job = self.pending.popleft()
+            try:
+                fid = self.pipe.submit(job.data) if job.kind == "raw" else self.pipe.submit_encoded(job.data)
+            except ProtocolError as exc:
+                self._finish(job, cp.error_message(exc.code, exc.detail, job.stream, job.entry.seq))
+                continue
+            self.jobs[fid] = job
+
+    def _on_result(self, res: FrameResult) -> None:
+        job = self.jobs.pop(res.frame_id, None)
+        if job is None:
+            return
+        if res.error is not None:
+            self._finish(job, cp.error_message(res.code or "STAGE_FAILED", res.error, job.stream, job.entry.seq))
+            return
+        out = res.outputs[0] if res.outputs else np.zeros(0)
+        top = top_k(out, self.top_k, self.labels) if out.size else []
+        stages, prev = [], res.t_submit
+        for h in res.hops:
+            stages.append({"stage": h.stage, "replica": h.replica, "queue_ms": round((h.t_recv - prev) * 1e3, 3),
+                           "compute_ms": round((h.t_end - h.t_start) * 1e3, 3)})
+            prev = h.t_end
+        latency = (res.t_done - job.t_accepted) * 1e3
+        reply = cp.result_message(job.stream, job.entry.seq, top, latency, stages,
+                                  res.outputs if job.want_outputs else None, self._out_names)
+        self._finish(job, reply, ok=True)
+
+    def _finish(self, job: _Job, reply: list, ok: bool = False) -> None:
+        job.entry.reply = reply
+        self.counters["completed" if ok else "errors"] += 1
+        client = job.client
+        client.inflight -= 1
+        q = client.streams.get(job.stream)
+        while q and q[0].reply is not None:
+            e = q.popleft()
+            client.outbox.append(e.reply)
+            client.delivered[job.stream] = e.seq
+        if q is not None and not q:
+            del client.streams[job.stream]
+
+    def _flush_all(self) -> None:
+        gone = []
+        for client in self.clients.values():
+            while client.outbox:
+                try:
+                    self.front.send_multipart([client.identity, *client.outbox[0]], flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break  # this client is slow; others go on
+                except zmq.ZMQError as exc:
+                    if exc.errno == zmq.EHOSTUNREACH:
+                        gone.append(client)
+                        break
+                    raise
+                client.outbox.popleft()
+            if len(client.outbox) > self.limits.max_outbox:
+                log.warning("client %r does not read its replies; dropping its %d queued replies",
+                            client.identity, len(client.outbox))
+                client.outbox.clear()
+        for client in gone:
+            if client.inflight == 0:
+                self.clients.pop(client.identity, None)
+            client.outbox.clear()
+
+    # ------------------------------------------------------------------ info
+    def hello(self) -> dict:
+        t = self.pipe.graph.inputs[0]
+        return {"type": "hello", "protocol": cp.PROTOCOL_VERSION, "input": t.to_dict(),
+                "accepts": ["raw"] + (["jpeg", "png", "image"] if self.pipe.preprocess is not None else []),
+                "limits": {"max_message_bytes": self.limits.max_message_bytes,
+                           "max_tensor_elements": self.limits.max_tensor_elements,
+                           "max_streams_per_client": self.limits.max_streams_per_client,
+                           "max_inflight_per_client": self.limits.max_inflight_per_client,
+                           "max_encoded_bytes": self.image_limits.max_encoded_bytes,
+                           "max_pixels": self.image_limits.max_pixels}}
+
+    def snapshot(self) -> dict:
+        now = time.monotonic()
+        uptime = now - self.t_start
+        stages = []
+        for st, agg in zip(self.pipe.plan.stages, self.pipe.stage_stats()):
+            busy = agg["compute_s"] / max(agg["replicas"], 1)
+            samples = agg["samples"]
+            stages.append({"stage": st.index, "cluster": st.cluster, "cores": list(st.cores),
+                           "replicas": st.replicas, "threads": st.threads, "pids": agg["pids"],
+                           "frames": agg["frames"], "errors": agg["errors"],
+                           "utilization": busy / uptime if uptime > 0 else 0.0,
+                           "compute_ms_p50": float(np.percentile(samples, 50) * 1e3) if samples else None,
+                           "predicted_ms": st.compute_ms})
+        return {"uptime_s": uptime, "plan": self.pipe.plan.to_dict(), "stages": stages,
+                "queue": {"pending": len(self.pending), "in_flight": len(self.pipe.inflight)},
+                "clients": len(self.clients), **self.counters}
