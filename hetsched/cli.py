@@ -18,8 +18,8 @@ DEFAULT_CONFIG = "configs/big_little.yaml"
 log = logging.getLogger("hetsched")
 
 
-def eprint(*args: Any) -> None:
-    print(*args, file=sys.stderr, flush=True)
+def eprint(*args: Any, **kw: Any) -> None:
+    print(*args, file=sys.stderr, flush=True, **kw)
 
 
 class StopFlag:

@@ -48,21 +48,23 @@ def host_key() -> str:
     return "|".join([socket.gethostname(), platform.machine(), cpu, onnxruntime.__version__])
 
 
-def cache_key(graph: ModelGraph, cluster: Cluster, repeats: int, warmup: int) -> str:
+def cache_key(graph: ModelGraph, cluster: Cluster, repeats: int, warmup: int, preprocess: dict | None = None) -> str:
     ident = json.dumps([graph.model_hash, graph.layer_names, cluster.name, list(cluster.cores),
-                        cluster.emulated_speed, host_key(), repeats, warmup])
+                        cluster.emulated_speed, host_key(), repeats, warmup, preprocess], default=str)
     return hashlib.sha256(ident.encode()).hexdigest()[:24]
 
 
 def measure_clusters(model: onnx.ModelProto, graph: ModelGraph, clusters: Sequence[Cluster], *,
                      repeats: int = 30, warmup: int = 5, use_cache: bool = True, cache_dir: str | None = None,
-                     timeout: float = 600.0, progress: Callable[[str], None] | None = None
-                     ) -> list[ClusterMeasurement]:
+                     timeout: float = 600.0, progress: Callable[[str], None] | None = None,
+                     preprocess: dict | None = None) -> list[ClusterMeasurement]:
+    """``preprocess``: InputConfig as a dict, to also time image preprocessing on each cluster."""
     cache_dir = cache_dir or default_cache_dir()
     layer_models: list[bytes] | None = None
     out = []
     for cluster in clusters:
-        path = os.path.join(cache_dir, f"{cache_key(graph, cluster, repeats, warmup)}.json")
+        key = cache_key(graph, cluster, repeats, warmup, preprocess)
+        path = os.path.join(cache_dir, f"{key}.json")
         if use_cache and os.path.isfile(path):
             try:
                 with open(path, encoding="utf-8") as fh:
@@ -75,7 +77,7 @@ def measure_clusters(model: onnx.ModelProto, graph: ModelGraph, clusters: Sequen
                 log.warning("ignoring unreadable cost cache %s: %s", path, exc)
         if layer_models is None:
             layer_models = [extract_stage(model, graph, i, i).SerializeToString() for i in range(len(graph.layers))]
-        m = _measure_one(model, graph, cluster, layer_models, repeats, warmup, timeout, progress)
+        m = _measure_one(model, graph, cluster, layer_models, repeats, warmup, timeout, progress, preprocess)
         out.append(m)
         if use_cache:
             os.makedirs(cache_dir, exist_ok=True)
@@ -86,7 +88,8 @@ def measure_clusters(model: onnx.ModelProto, graph: ModelGraph, clusters: Sequen
     return out
 
 
-def _measure_one(model, graph, cluster, layer_models, repeats, warmup, timeout, progress) -> ClusterMeasurement:
+def _measure_one(model, graph, cluster, layer_models, repeats, warmup, timeout, progress,
+                 preprocess) -> ClusterMeasurement:
     from workers.profile_worker import run as profile_run
 
     spec = {
@@ -94,7 +97,7 @@ def _measure_one(model, graph, cluster, layer_models, repeats, warmup, timeout, 
         "layer_models": layer_models, "whole_model": model.SerializeToString(),
         "layer_inputs": [[t.to_dict() for t in graph.boundaries[i]] for i in range(len(graph.layers))],
         "whole_inputs": [t.to_dict() for t in graph.inputs],
-        "repeats": repeats, "warmup": warmup, "parent_pid": os.getpid(),
+        "repeats": repeats, "warmup": warmup, "parent_pid": os.getpid(), "preprocess": preprocess,
     }
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -133,4 +136,4 @@ def _measure_one(model, graph, cluster, layer_models, repeats, warmup, timeout, 
                               {int(t): tuple(v) for t, v in result["layer_ms"].items()},
                               {int(t): float(v) for t, v in result["whole_ms"].items()},
                               {int(t): float(v) for t, v in result["empty_ms"].items()},
-                              repeats, cluster.emulated_speed)
+                              repeats, cluster.emulated_speed, result.get("preprocess_ms"))

@@ -41,9 +41,10 @@ class ClusterMeasurement:
     empty_ms: Mapping[int, float]               # threads -> median ms of an empty session.run
     repeats: int
     emulated_speed: float | None = None
+    preprocess_ms: float | None = None          # decoding + resizing one typical JPEG, if measured
 
     def to_dict(self) -> dict:
-        return {"cluster": self.cluster, "cores": list(self.cores),
+        return {"cluster": self.cluster, "cores": list(self.cores), "preprocess_ms": self.preprocess_ms,
                 "layer_ms": {str(t): list(v) for t, v in self.layer_ms.items()},
                 "whole_ms": {str(t): v for t, v in self.whole_ms.items()},
                 "empty_ms": {str(t): v for t, v in self.empty_ms.items()},
@@ -55,7 +56,7 @@ class ClusterMeasurement:
                    {int(t): tuple(v) for t, v in d["layer_ms"].items()},
                    {int(t): float(v) for t, v in d["whole_ms"].items()},
                    {int(t): float(v) for t, v in d["empty_ms"].items()},
-                   int(d["repeats"]), d.get("emulated_speed"))
+                   int(d["repeats"]), d.get("emulated_speed"), d.get("preprocess_ms"))
 
 
 def calibrated_layer_ms(m: ClusterMeasurement, threads: int) -> tuple[float, ...]:
@@ -101,6 +102,23 @@ def cost_table_from_measurements(layer_names: Sequence[str], boundary_bytes: Seq
         layer_ms={m.cluster: layer_ms_all_threads(m) for m in measurements},
         boundary_bytes=tuple(int(b) for b in boundary_bytes),
         stage_overhead_ms={m.cluster: m.empty_ms[1] + worker_overhead_ms for m in measurements},
+    )
+
+
+PREPROCESS_LAYER = "preprocess"
+TYPICAL_ENCODED_BYTES = 64 * 1024
+DEFAULT_PREPROCESS_MS = 2.5  # FLOP-fallback guess for decoding + resizing one camera frame on a big core
+
+
+def with_preprocess_layer(costs: CostTable, preprocess_ms: Mapping[str, float],
+                          encoded_bytes: int = TYPICAL_ENCODED_BYTES) -> CostTable:
+    """Prepend image preprocessing (decode, resize, normalise) as layer 0 of the chain, so the
+    planner places it like any layer. Decoding is single-threaded: the same ms at every thread count."""
+    return CostTable(
+        layer_names=(PREPROCESS_LAYER, *costs.layer_names),
+        layer_ms={c: {t: (preprocess_ms[c], *v) for t, v in per_t.items()} for c, per_t in costs.layer_ms.items()},
+        boundary_bytes=(int(encoded_bytes), *costs.boundary_bytes),
+        stage_overhead_ms=dict(costs.stage_overhead_ms),
     )
 
 

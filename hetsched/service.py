@@ -14,7 +14,10 @@ from typing import Callable, Iterator, Sequence
 import onnx
 
 from hetsched.config import Config, resolve_clusters
-from hetsched.costs import ClusterMeasurement, cost_table_from_measurements, flop_cost_table, flop_sanity
+import dataclasses
+
+from hetsched.costs import (DEFAULT_PREPROCESS_MS, ClusterMeasurement, cost_table_from_measurements,
+                            flop_cost_table, flop_sanity, with_preprocess_layer)
 from hetsched.graph import ModelGraph, analyze, load_model
 from hetsched.planner import ClusterSpec, CostTable, Plan, TransferModel, plan_pipeline
 from hetsched.topology import Cluster, Topology, detect_topology
@@ -106,17 +109,25 @@ def prepare(cfg: Config, *, progress: Progress | None = None, sysfs_root: str = 
         measurements = measure_clusters(model, graph, clusters, repeats=cfg.profile.repeats,
                                         warmup=cfg.profile.warmup,
                                         use_cache=cfg.profile.cache if use_cache is None else use_cache,
-                                        cache_dir=cfg.profile.cache_dir, progress=note)
+                                        cache_dir=cfg.profile.cache_dir, progress=note,
+                                        preprocess=dataclasses.asdict(cfg.input) if with_preprocess else None)
         costs = cost_table_from_measurements(graph.layer_names, bbytes, measurements)
         for m in measurements:
             odd = flop_sanity(graph.layer_names, [lay.flops for lay in graph.layers], costs.layer_ms[m.cluster][1])
             warnings += [f"cluster {m.cluster}: {w}" for w in odd]
             note(f"cluster {m.cluster}: whole model {m.whole_ms[1]:.2f} ms on 1 thread"
-                 + "".join(f", {m.whole_ms[t]:.2f} ms on {t}" for t in m.whole_ms if t != 1))
+                 + "".join(f", {m.whole_ms[t]:.2f} ms on {t}" for t in m.whole_ms if t != 1)
+                 + (f"; preprocessing {m.preprocess_ms:.2f} ms" if m.preprocess_ms else ""))
+        if with_preprocess:
+            costs = with_preprocess_layer(costs, {m.cluster: m.preprocess_ms for m in measurements})
+
     else:
         measurements = []
         costs = flop_cost_table(graph.layer_names, bbytes, [lay.flops for lay in graph.layers],
                                 [(c.name, len(c.cores), c.emulated_speed or c.speed) for c in clusters])
+        if with_preprocess:
+            costs = with_preprocess_layer(costs, {c.name: DEFAULT_PREPROCESS_MS / (c.emulated_speed or c.speed)
+                                                  for c in clusters})
     transfer = TransferModel()
     p = cfg.planner
     plan = plan_pipeline(costs, [ClusterSpec(c.name, c.cores) for c in clusters], transfer,

@@ -41,8 +41,10 @@ def measure(spec: dict, progress=None) -> dict:
 
     from hetsched.graph import TensorInfo, random_inputs
 
-    results = {"layer_ms": {}, "whole_ms": {}, "empty_ms": {}}
+    results = {"layer_ms": {}, "whole_ms": {}, "empty_ms": {}, "preprocess_ms": None}
     empty = _empty_model()
+    if spec.get("preprocess") is not None:
+        results["preprocess_ms"] = _measure_preprocess(spec, progress)
     for threads in spec["threads"]:
         sessions = [_session(ort, mb, threads) for mb in spec["layer_models"]]
         whole = _session(ort, spec["whole_model"], threads)
@@ -80,6 +82,36 @@ def measure(spec: dict, progress=None) -> dict:
         results["whole_ms"][threads] = statistics.median(t_whole) * 1e3
         results["empty_ms"][threads] = statistics.median(t_empty) * 1e3
     return results
+
+
+def sample_jpeg(width: int = 640, height: int = 480) -> bytes:
+    """A photo-like JPEG (smooth gradients + noise) of a typical camera-frame size."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:height, 0:width]
+    img = np.stack([xx * 255 // width, yy * 255 // height, (xx + yy) * 255 // (width + height)], -1)
+    img = (img + rng.normal(0, 12, img.shape)).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _measure_preprocess(spec: dict, progress) -> float:
+    from hetsched.config import InputConfig
+    from hetsched.preprocess import preprocess_encoded
+    cfg = InputConfig(**spec["preprocess"])
+    data = sample_jpeg()
+    for _ in range(max(2, spec["warmup"])):
+        preprocess_encoded(data, cfg)
+    times = []
+    for _ in range(max(5, spec["repeats"] // 2)):
+        t0 = time.perf_counter()
+        preprocess_encoded(data, cfg)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
 
 
 def run(spec: dict, queue) -> None:
