@@ -13,7 +13,7 @@ from hetsched.errors import ShapeMismatch
 from hetsched.graph import random_inputs
 from hetsched.planner import ClusterSpec, Plan, Stage, TransferModel, plan_pipeline
 
-from .conftest import wait_for
+from .conftest import SHARED_IMAGES, SHARED_MODEL, needs_shared, wait_for
 
 
 def reference(model, xs):
@@ -137,8 +137,38 @@ def test_worker_stats_count_every_frame(squeezenet):
     plan = manual_plan(g, [((0,), 0, 10, 1, 1), ((1,), 11, 22, 1, 1)])
     with Pipeline(model, g, plan, stats_interval=0.1) as pipe:
         list(pipe.run(inputs(g, 20)))
-        wait_for(lambda: all(s["frames"] == 20 for s in (pipe.poll(20) and False) or pipe.stage_stats()),
-                 timeout=10, what="stats of 20 frames per stage")
+        def all_counted():
+            pipe.poll(20)
+            return all(s["frames"] == 20 for s in pipe.stage_stats())
+        wait_for(all_counted, timeout=10, what="stats of 20 frames per stage")
         stats = pipe.stage_stats()
     for s in stats:
         assert s["compute_s"] > 0 and len(s["samples"]) == 20
+
+
+@needs_shared
+@pytest.mark.timeout(180)
+def test_real_weights_top1_through_the_pipeline_with_preprocessing_stage():
+    """Real ImageNet SqueezeNet from ../shared: encoded JPEGs go in, stage 0 decodes them."""
+    from hetsched.config import InputConfig
+    from hetsched.graph import analyze, load_model
+    from hetsched.preprocess import top_k
+
+    model = load_model(str(SHARED_MODEL))
+    g = analyze(model)
+    names = ("preprocess", *g.layer_names)
+    n = len(names)
+    plans = [  # preprocessing alone, then the model split in two; and preprocessing sharing a stage
+        [((0,), 0, 0, 1, 1), ((1,), 1, 12, 1, 1), ((0,), 13, n - 1, 1, 1)],
+        [((1,), 0, 9, 1, 1), ((0,), 10, n - 1, 1, 1)],
+    ]
+    images = {name: (SHARED_IMAGES / name).read_bytes() for name in ("chelsea.jpg", "coffee.jpg")}
+    for stages in plans:
+        plan = manual_plan(g, stages)
+        plan = Plan(plan.stages, plan.bottleneck_ms, plan.throughput_fps, plan.latency_ms, plan.balance, names)
+        with Pipeline(model, g, plan, preprocess=InputConfig()) as pipe:
+            ids = {pipe.submit_encoded(data): name for name, data in images.items()}
+            results = pipe.drain(60)
+        top1 = {ids[r.frame_id]: top_k(r.outputs[0], 1)[0]["index"] for r in results}
+        assert top1["chelsea.jpg"] in (281, 282, 285), top1
+        assert top1["coffee.jpg"] == 967, top1
