@@ -125,7 +125,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------- start / demo
-def _serve(args: argparse.Namespace, demo: Callable | None) -> int:
+def _serve(args: argparse.Namespace, demo: Callable | None, finish: Callable | None = None,
+           with_preprocess: bool = True) -> int:
+    """Prepare and run the service. With ``demo`` (a driver run in a thread as
+    demo(endpoint, prep, result, stop)), stop when it returns and call finish(result, prep, server)."""
     from hetsched.config import resolve_clusters
     from hetsched.service import emulation, prepare, running_service
     from hetsched.topology import detect_topology
@@ -136,7 +139,7 @@ def _serve(args: argparse.Namespace, demo: Callable | None) -> int:
     progress = _progress(False)
     eprint("hetsched: preparing")
     with emulation(clusters, cfg.emulation_period_ms, progress):
-        prep = prepare(cfg, progress=progress, clusters=clusters, with_preprocess=True)
+        prep = prepare(cfg, progress=progress, clusters=clusters, with_preprocess=with_preprocess)
         print(plan_report(prep), flush=True)
         bind = args.bind or (cfg.server.bind if demo is None else f"ipc://{_tmp_socket()}")
         with running_service(prep, bind) as server:
@@ -153,7 +156,7 @@ def _serve(args: argparse.Namespace, demo: Callable | None) -> int:
             server.serve(should_stop, on_tick=tick, drain_timeout=args.drain_timeout)
             if demo is not None:
                 th.join(5)
-                _print_demo(result, prep, server)
+                (finish or _print_demo)(result, prep, server)
                 if result.get("error"):
                     eprint(f"demo failed: {result['error']}")
                     return 1

@@ -87,6 +87,9 @@ class Client:
     def stats(self) -> dict:
         return self._request({"type": "stats"}, "stats")
 
+    def trace(self, limit: int = 1000) -> dict:
+        return self._request({"type": "trace", "limit": limit}, "trace")
+
     def query(self, stream: str) -> dict:
         return self._request({"type": "query", "stream": stream}, "query")
 

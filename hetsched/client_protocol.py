@@ -23,7 +23,8 @@ MAX_HEADER_BYTES = 16 * 1024
 MAX_STREAM_NAME = 128
 ENCODINGS = ("jpeg", "png", "image", "raw")
 DTYPES = ("float32", "float16", "float64", "uint8", "int8", "int32", "int64")
-CLIENT_TYPES = ("submit", "hello", "stats", "query")
+CLIENT_TYPES = ("submit", "hello", "stats", "query", "trace")
+MAX_TRACE_FRAMES = 5000
 
 # Error codes (see docs/protocol.md for what each means and whether a retry can help).
 ERROR_CODES = {

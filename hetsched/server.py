@@ -88,6 +88,7 @@ class Server:
         self.accepting = True
         self.counters = {"accepted": 0, "completed": 0, "errors": 0, "busy": 0, "rejected": 0}
         self.t_start = time.monotonic()
+        self.traces: deque = deque(maxlen=cp.MAX_TRACE_FRAMES)  # (frame_id, t_submit, hops, t_done)
         self._in_expected = (pipeline.graph.inputs[0].dtype, pipeline.graph.inputs[0].shape)
         self._out_names = [t.name for t in pipeline.graph.outputs]
 
@@ -167,6 +168,10 @@ class Server:
                 self._reply_now(client, [cp.encode({"type": "query", "stream": s,
                                                     "last_delivered": client.delivered.get(s),
                                                     "pending": pend})])
+            elif t == "trace":
+                limit = msg.get("limit", 1000)
+                limit = limit if isinstance(limit, int) and 0 < limit <= cp.MAX_TRACE_FRAMES else 1000
+                self._reply_now(client, [cp.encode({"type": "trace", **self.trace(limit)})])
             else:
                 stream, seq = msg.get("stream"), msg.get("seq")
                 self._on_submit(client, cp.parse_submit(msg, len(parts) - 2), parts[2])
@@ -224,6 +229,7 @@ class Server:
         if res.error is not None:
             self._finish(job, cp.error_message(res.code or "STAGE_FAILED", res.error, job.stream, job.entry.seq))
             return
+        self.traces.append((res.frame_id, res.t_submit, res.hops, res.t_done))
         out = res.outputs[0] if res.outputs else np.zeros(0)
         top = top_k(out, self.top_k, self.labels) if out.size else []
         stages, prev = [], res.t_submit
@@ -284,19 +290,32 @@ class Server:
                            "max_encoded_bytes": self.image_limits.max_encoded_bytes,
                            "max_pixels": self.image_limits.max_pixels}}
 
-    def snapshot(self) -> dict:
+    def trace(self, limit: int) -> dict:
+        """The last ``limit`` frames' hop times (monotonic seconds) and each stage replica's pid."""
+        frames = [{"id": fid, "t_submit": ts, "t_done": td,
+                   "hops": [[h.stage, h.replica, h.t_recv, h.t_start, h.t_end] for h in hops]}
+                  for fid, ts, hops, td in list(self.traces)[-limit:]]
+        pids = {f"{w.stage}.{w.replica}": w.pid for w in self.pipe.workers}
+        return {"frames": frames, "pids": pids}
+
+    def snapshot(self, samples: int = 2000) -> dict:
+        """Service state: plan, per-stage cumulative worker counters and recent compute samples."""
         now = time.monotonic()
         uptime = now - self.t_start
+        names = self.pipe.plan.layer_names
         stages = []
         for st, agg in zip(self.pipe.plan.stages, self.pipe.stage_stats()):
             busy = agg["compute_s"] / max(agg["replicas"], 1)
-            samples = agg["samples"]
+            recent = agg["samples"][-samples:]
             stages.append({"stage": st.index, "cluster": st.cluster, "cores": list(st.cores),
                            "replicas": st.replicas, "threads": st.threads, "pids": agg["pids"],
+                           "layers": [names[st.first_layer], names[st.last_layer]],
                            "frames": agg["frames"], "errors": agg["errors"],
+                           "compute_s": agg["compute_s"], "wait_s": agg["wait_s"], "send_s": agg["send_s"],
                            "utilization": busy / uptime if uptime > 0 else 0.0,
-                           "compute_ms_p50": float(np.percentile(samples, 50) * 1e3) if samples else None,
-                           "predicted_ms": st.compute_ms})
-        return {"uptime_s": uptime, "plan": self.pipe.plan.to_dict(), "stages": stages,
+                           "compute_ms_p50": float(np.percentile(recent, 50) * 1e3) if recent else None,
+                           "samples_ms": [round(x * 1e3, 4) for x in recent],
+                           "predicted_ms": st.compute_ms, "predicted_period_ms": st.period_ms})
+        return {"uptime_s": uptime, "t": now, "plan": self.pipe.plan.to_dict(), "stages": stages,
                 "queue": {"pending": len(self.pending), "in_flight": len(self.pipe.inflight)},
-                "clients": len(self.clients), **self.counters}
+                "clients": len(self.clients), "workers": len(self.pipe.workers), **self.counters}

@@ -1,0 +1,162 @@
+"""``hetsched profile`` (drive load, report stage balance, write report.json/trace.json/balance.png)
+and ``hetsched status`` (live view of a running service)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from hetsched.errors import HetschedError
+
+
+def drive_and_measure(endpoint: str, *, duration: float, fps: float | None, warmup: float, window: int,
+                      images: list[str] | None, stop, limit_fps: float | None, progress=None) -> dict:
+    """Connect, warm up, snapshot, drive load for ``duration`` s, snapshot, fetch the trace; return
+    {"report": ..., "trace": ...}."""
+    from hetsched.client import Client
+    from hetsched.feed import feed, file_frames, image_files, synthetic_frames
+    from hetsched.profile_report import build_report
+
+    with Client(endpoint, timeout=30) as c:
+        hello = c.hello()
+        inp = hello["input"]
+
+        def frames():
+            if images:
+                return file_frames(image_files(images), loop=True)
+            return synthetic_frames(tuple(inp["shape"]), inp["dtype"])
+
+        if warmup > 0:
+            feed(c, frames(), fps=fps, duration=warmup, count=None, window=window, stream="warmup",
+                 should_stop=stop)
+        before = c.stats()
+        stats = feed(c, frames(), fps=fps, duration=duration, count=None, window=window, stream="profile",
+                     should_stop=stop, on_progress=progress)
+        # let workers report the counters of the last frames
+        time.sleep(0.6)
+        after = c.stats()
+        trace = c.trace(2000)
+    window_s = stats.summary()["seconds"]
+    report = build_report(before, after, stats.latencies_ms, stats.sent, stats.received, stats.errors + stats.busy,
+                          window_s, limit_fps, fps)
+    return {"report": report, "trace": trace}
+
+
+def write_outputs(out_dir: str, result: dict, extra: dict) -> list[str]:
+    from hetsched.plots import balance_png
+    from hetsched.profile_report import chrome_trace
+    os.makedirs(out_dir, exist_ok=True)
+    report = {**result["report"], **extra}
+    paths = [os.path.join(out_dir, n) for n in ("report.json", "trace.json", "balance.png")]
+    with open(paths[0], "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=2)
+    with open(paths[1], "w", encoding="utf-8") as fh:
+        json.dump(chrome_trace(result["trace"], result["report"]), fh)
+    balance_png(result["report"], result["trace"], paths[2])
+    return paths
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from hetsched.cli import StopFlag, _serve, eprint
+    from hetsched.profile_report import format_report
+
+    images = args.images
+    tty = sys.stderr.isatty()
+
+    def progress(stats):
+        if tty:
+            eprint("\r  " + stats.line() + "   ", end="")
+
+    if args.connect:
+        stop = StopFlag().install()
+        result = drive_and_measure(args.connect, duration=args.duration, fps=args.fps, warmup=args.warmup,
+                                   window=args.window, images=images, stop=stop, limit_fps=None, progress=progress)
+        print(format_report(result["report"]))
+        for p in write_outputs(args.out, result, {"connect": args.connect}):
+            print(f"wrote {p}")
+        return 0
+
+    def driver(endpoint, prep, result, stop):
+        try:
+            result.update(drive_and_measure(endpoint, duration=args.duration, fps=args.fps, warmup=args.warmup,
+                                            window=args.window, images=images, stop=stop,
+                                            limit_fps=prep.limit_fps() or None, progress=progress))
+        except Exception as exc:
+            result["error"] = f"{type(exc).__name__}: {exc}"
+
+    def finish(result, prep, server):
+        if "report" not in result:
+            return
+        if tty:
+            eprint("")
+        print("\n" + format_report(result["report"]))
+        extra = {"config": prep.config.path, "model": prep.config.model,
+                 "clusters": [c.to_dict() for c in prep.clusters],
+                 "measured_costs": [m.to_dict() for m in prep.measurements]}
+        for p in write_outputs(args.out, result, extra):
+            print(f"wrote {p}")
+
+    return _serve(args, driver, finish, with_preprocess=bool(images))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from hetsched.cli import StopFlag, eprint
+    from hetsched.client import Client
+    from hetsched.report import format_stage_table
+    stop = StopFlag().install()
+    with Client(args.connect, timeout=args.timeout) as c:
+        if args.json:
+            snap = c.stats()
+            for s in snap["stages"]:
+                s.pop("samples_ms", None)
+            print(json.dumps(snap, indent=2))
+            return 0
+        prev = None
+        while not stop():
+            snap = c.stats()
+            lines = [f"hetsched status  {args.connect}  up {snap['uptime_s']:.0f} s  workers {snap['workers']}  "
+                     f"clients {snap['clients']}",
+                     f"completed {snap['completed']}  errors {snap['errors']}  busy {snap['busy']}  "
+                     f"queue pending {snap['queue']['pending']} in flight {snap['queue']['in_flight']}"]
+            if prev is not None:
+                dt = snap["uptime_s"] - prev["uptime_s"]
+                rate = (snap["completed"] - prev["completed"]) / dt if dt > 0 else 0.0
+                lines.append(f"rate {rate:.1f} frames/s")
+                for s, p in zip(snap["stages"], prev["stages"]):
+                    s["utilization"] = (s["compute_s"] - p["compute_s"]) / (dt * s["replicas"]) if dt > 0 else 0.0
+            lines.append(format_stage_table(snap))
+            if sys.stdout.isatty():
+                sys.stdout.write("\x1b[2J\x1b[H")
+            print("\n".join(lines), flush=True)
+            prev = snap
+            if args.once:
+                break
+            stop.event.wait(args.interval)
+    return 0
+
+
+def add_parser(sub, common) -> None:
+    sp = sub.add_parser("profile", help="drive load and report stage balance, predicted vs measured")
+    common(sp)
+    sp.add_argument("--connect", help="attach to a running service instead of starting one")
+    sp.add_argument("--duration", type=float, default=20.0, help="seconds of measured load")
+    sp.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
+    sp.add_argument("--fps", type=float, default=None, help="offered load (default: saturate)")
+    sp.add_argument("--window", type=int, default=8, help="frames in flight from the load generator")
+    sp.add_argument("--images", nargs="+", help="feed these images (default: synthetic raw tensors)")
+    sp.add_argument("--out", default="prof", help="directory for report.json, trace.json, balance.png")
+    sp.add_argument("--bind", help="client socket (default: a private ipc:// socket)")
+    sp.add_argument("--labels", help=argparse.SUPPRESS)
+    sp.add_argument("--drain-timeout", type=float, default=10.0)
+    sp.set_defaults(func=cmd_profile)
+
+    sp = sub.add_parser("status", help="live view of a running service")
+    sp.add_argument("--connect", default="tcp://127.0.0.1:5555")
+    sp.add_argument("--json", action="store_true", help="print one snapshot as JSON")
+    sp.add_argument("--once", action="store_true", help="print one table and exit")
+    sp.add_argument("--interval", type=float, default=1.0)
+    sp.add_argument("--timeout", type=float, default=10.0)
+    sp.set_defaults(func=cmd_status)
