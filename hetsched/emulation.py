@@ -455,6 +455,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     managed = bool(args.parent_pid)
     if not managed:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+        # Ctrl+C must stop us even if started with SIGINT ignored (e.g. `cmd &` in a script).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if not managed:
             check_realtime_permitted()
