@@ -111,10 +111,16 @@ class Client:
     def replies(self, expect: int, timeout: float | None = None) -> Iterator[dict]:
         """Yield ``expect`` frame replies (results or errors); raise if one takes longer than timeout."""
         got = 0
-        while got < expect:
-            rep = self.recv(timeout)
-            if rep is None:
-                raise HetschedError(f"timed out waiting for reply {got + 1} of {expect}")
-            if rep.get("type") in ("result", "error"):
-                got += 1
-                yield rep
+        held: list[dict] = []  # other replies (hello, stats, ...) are kept for later callers
+        try:
+            while got < expect:
+                rep = self.recv(timeout)
+                if rep is None:
+                    raise HetschedError(f"timed out waiting for reply {got + 1} of {expect}")
+                if rep.get("type") in ("result", "error"):
+                    got += 1
+                    yield rep
+                else:
+                    held.append(rep)
+        finally:
+            self._side.extend(held)

@@ -11,6 +11,7 @@ Server -> client:  result (0..n payload frames), error, hello, stats, query
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -66,12 +67,12 @@ def decode_header(raw: bytes | memoryview) -> dict:
         raise ProtocolError("BAD_HEADER", f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
         msg = json.loads(bytes(raw).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError("BAD_HEADER", f"header is not UTF-8 JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ProtocolError("BAD_HEADER", f"header is not UTF-8 JSON: {str(exc)[:200]}") from None
     if not isinstance(msg, dict):
         raise ProtocolError("BAD_HEADER", "header must be a JSON object")
     v = msg.get("v")
-    if v != PROTOCOL_VERSION:
+    if type(v) is not int or v != PROTOCOL_VERSION:
         raise ProtocolError("BAD_VERSION", f"protocol version {v!r} not supported (server speaks {PROTOCOL_VERSION})")
     t = msg.get("type")
     if t not in CLIENT_TYPES:
@@ -79,10 +80,14 @@ def decode_header(raw: bytes | memoryview) -> dict:
     return msg
 
 
-def parse_submit(msg: dict, n_payload: int) -> Submit:
-    stream = msg.get("stream", "default")
+def check_stream(stream: object) -> str:
     if not isinstance(stream, str) or not 0 < len(stream) <= MAX_STREAM_NAME:
         raise ProtocolError("BAD_HEADER", f"stream must be a string of 1..{MAX_STREAM_NAME} characters")
+    return stream
+
+
+def parse_submit(msg: dict, n_payload: int) -> Submit:
+    stream = check_stream(msg.get("stream", "default"))
     seq = msg.get("seq")
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0 or seq >= 2**63:
         raise ProtocolError("BAD_HEADER", "seq must be a non-negative integer")
@@ -106,7 +111,7 @@ def parse_submit(msg: dict, n_payload: int) -> Submit:
 
 def raw_tensor(sub: Submit, payload: Any, expected: tuple[str, tuple[int, ...]], max_elements: int) -> np.ndarray:
     """View a raw payload as the model input, checking dtype, shape and byte size."""
-    n = int(np.prod(sub.shape, dtype=np.int64))
+    n = math.prod(sub.shape)
     if n > max_elements:
         raise ProtocolError("TOO_LARGE", f"tensor of {n} elements exceeds the limit of {max_elements}")
     if (sub.dtype, sub.shape) != expected:

@@ -8,8 +8,8 @@ Schema (every key optional; see configs/*.yaml for commented examples)::
       little_speed: 0.5               #   split the cores into a big half and an emulated little half
     planner: {max_stages: 4, tie_tolerance: 0.02, allow_replicas: true, max_cut_tensors: 1, forced_cuts: null}
     profile: {repeats: 30, warmup: 5, cache: true, cache_dir: null, measure: true}
-    transport: {kind: ipc, host: 127.0.0.1, hwm: 2}
-    server: {bind: tcp://127.0.0.1:5555, max_inflight: 8, max_pending: 64}
+    transport: {kind: ipc, host: 127.0.0.1, hwm: 1}
+    server: {bind: tcp://127.0.0.1:5555, max_inflight: null, max_pending: 64}
     emulation: {period_ms: null}
     input: {size: 224, resize: 256, mean: [...], std: [...], channel_order: RGB, layout: NCHW, labels: null, top_k: 5}
 """
@@ -57,13 +57,13 @@ class ProfileConfig:
 class TransportConfig:
     kind: str = "ipc"  # ipc | tcp
     host: str = "127.0.0.1"
-    hwm: int = 2
+    hwm: int = 1
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     bind: str = DEFAULT_BIND
-    max_inflight: int = 8
+    max_inflight: int | None = None  # None: 2 x workers + 1
     max_pending: int = 64
 
 
@@ -245,7 +245,7 @@ def parse_config(raw: Any, path: str | None = None) -> Config:
     transport = _section(raw, "transport", TransportConfig, {
         "kind": _choice("ipc", "tcp"), "host": _str, "hwm": _int(1)})
     server = _section(raw, "server", ServerConfig, {
-        "bind": _str, "max_inflight": _int(1), "max_pending": _int(1)})
+        "bind": _str, "max_inflight": _opt_int(1), "max_pending": _int(1)})
     inp = _section(raw, "input", InputConfig, {
         "size": _int(8), "resize": _int(8), "mean": _triple, "std": _triple, "scale": _float(0.0, 1e6),
         "channel_order": _choice("RGB", "BGR"), "layout": _choice("NCHW", "NHWC"),

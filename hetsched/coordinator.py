@@ -33,6 +33,7 @@ import zmq
 from hetsched.errors import HetschedError, ProtocolError, ShapeMismatch, WorkerDied
 from hetsched.graph import ModelGraph, TensorInfo, extract_stage, passthrough_names
 from hetsched.planner import Plan
+from hetsched.process_setup import keep_large_buffers
 from hetsched.stage_protocol import Hop, control, decode_header, encode_header, parse_control, views
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,8 @@ class Pipeline:
     """A running pipeline for one plan. Use as a context manager, or start() / stop()."""
 
     def __init__(self, model: onnx.ModelProto, graph: ModelGraph, plan: Plan, *, transport: str = "ipc",
-                 host: str = "127.0.0.1", hwm: int = 2, max_inflight: int | None = None,
-                 start_timeout: float = 60.0, stats_interval: float = 0.5, spinning: bool = False,
+                 host: str = "127.0.0.1", hwm: int = 1, max_inflight: int | None = None,
+                 start_timeout: float = 60.0, stats_interval: float = 0.5, spinning: bool = True,
                  run_dir: str | None = None, preprocess: Any = None, image_limits: Any = None):
         """``preprocess``: an InputConfig when the plan's layer 0 is image preprocessing (the chain is
         then [preprocess] + graph layers, and stage 0 accepts encoded JPEG/PNG bytes)."""
@@ -118,7 +119,8 @@ class Pipeline:
         self._offset = 1 if preprocess is not None else 0
         self.transport, self.host, self.hwm = transport, host, hwm
         n_workers = sum(s.replicas for s in plan.stages)
-        self.max_inflight = max_inflight or max(4, 2 * n_workers + 2)
+        # one frame in work and one waiting per worker keeps every stage busy; more only adds latency
+        self.max_inflight = max_inflight or 2 * n_workers + 1
         self.start_timeout, self.stats_interval, self.spinning = start_timeout, stats_interval, spinning
         self._own_run_dir = run_dir is None
         self.run_dir = run_dir or tempfile.mkdtemp(prefix="hetsched-")
@@ -155,6 +157,7 @@ class Pipeline:
         return self
 
     def _start(self) -> None:
+        keep_large_buffers()
         self._ctx = zmq.Context()
         self._ctl = self._ctx.socket(zmq.ROUTER)
         self._ctl.setsockopt(zmq.LINGER, 0)

@@ -432,7 +432,14 @@ def top_k(output: np.ndarray, k: int, labels: Sequence[str] | None = None) -> li
         raise ValueError(f"top_k: {len(labels)} labels for {v.size} classes")
     p = v if looks_like_probabilities(v) else softmax(v)
     p = np.where(np.isnan(p), -np.inf, p)  # NaN never ranks first
-    order = np.argsort(-p, kind="stable")[:min(k, v.size)]
+    k = min(k, v.size)
+    if 0 < k < v.size:
+        # only the candidates at or above the k-th best value (ties included) need a stable sort
+        kth = np.partition(p, v.size - k)[v.size - k]
+        cand = np.flatnonzero(p >= kth)
+        order = cand[np.argsort(-p[cand], kind="stable")][:k]
+    else:
+        order = np.argsort(-p, kind="stable")[:k]
     out = []
     for i in order:
         item = {"index": int(i), "score": float(p[i]) if math.isfinite(p[i]) else 0.0}

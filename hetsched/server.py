@@ -20,10 +20,13 @@ import zmq
 
 from hetsched import client_protocol as cp
 from hetsched.coordinator import FrameResult, Pipeline
-from hetsched.errors import ProtocolError
+from hetsched.errors import ConfigError, ProtocolError
 from hetsched.preprocess import ImageLimits, load_labels, sniff_format, top_k
 
 log = logging.getLogger(__name__)
+
+
+IDLE_CLIENT_S = 60.0
 
 
 @dataclass
@@ -72,6 +75,10 @@ class Server:
         self.limits = limits or ServerLimits()
         self.image_limits = image_limits or ImageLimits()
         self.labels = load_labels(labels_path)
+        n_classes = int(np.prod(pipeline.graph.outputs[0].shape))
+        if self.labels is not None and len(self.labels) != n_classes:
+            raise ConfigError(f"input.labels: {labels_path} has {len(self.labels)} labels, the model "
+                              f"outputs {n_classes} classes")
         self.top_k = top_k
         self._ctx = context or zmq.Context.instance()
         self.front = self._ctx.socket(zmq.ROUTER)
@@ -87,7 +94,7 @@ class Server:
         self.jobs: dict[int, _Job] = {}
         self.accepting = True
         self.counters = {"accepted": 0, "completed": 0, "errors": 0, "busy": 0, "rejected": 0}
-        self.t_start = time.monotonic()
+        self.t_start = self._last_prune = time.monotonic()
         self.traces: deque = deque(maxlen=cp.MAX_TRACE_FRAMES)  # (frame_id, t_submit, hops, t_done)
         self._in_expected = (pipeline.graph.inputs[0].dtype, pipeline.graph.inputs[0].shape)
         self._out_names = [t.name for t in pipeline.graph.outputs]
@@ -163,7 +170,7 @@ class Server:
             elif t == "stats":
                 self._reply_now(client, [cp.encode({"type": "stats", **self.snapshot()})])
             elif t == "query":
-                s = msg.get("stream", "default")
+                s = cp.check_stream(msg.get("stream", "default"))
                 pend = [e.seq for e in client.streams.get(s, ())]
                 self._reply_now(client, [cp.encode({"type": "query", "stream": s,
                                                     "last_delivered": client.delivered.get(s),
@@ -277,6 +284,12 @@ class Server:
             if client.inflight == 0:
                 self.clients.pop(client.identity, None)
             client.outbox.clear()
+        now = time.monotonic()
+        if now - self._last_prune > 10.0:  # forget idle clients that are owed nothing
+            self._last_prune = now
+            for ident in [i for i, c in self.clients.items() if c.inflight == 0 and not c.streams
+                          and not c.outbox and now - c.last_seen > IDLE_CLIENT_S]:
+                del self.clients[ident]
 
     # ------------------------------------------------------------------ info
     def hello(self) -> dict:

@@ -21,6 +21,7 @@ Control messages (handshake, stats, commands) are JSON on a separate DEALER/ROUT
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -118,7 +119,7 @@ def views(header: Header, frames: Sequence[Any], expected: Sequence[tuple[str, t
     for (dtype, shape), frame in zip(header.tensors, frames):
         buf = frame.buffer if hasattr(frame, "buffer") else frame
         arr = np.frombuffer(buf, dtype=dtype)
-        if arr.size != int(np.prod(shape, dtype=np.int64)):
+        if arr.size != math.prod(shape):
             raise ShapeMismatch(f"frame of {arr.nbytes} bytes does not hold {dtype}{list(shape)}")
         out.append(arr.reshape(shape))
     return out

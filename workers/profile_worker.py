@@ -21,7 +21,8 @@ def _session(ort, model_bytes: bytes, threads: int):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads == 1:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 
@@ -116,7 +117,7 @@ def _measure_preprocess(spec: dict, progress) -> float:
 
 def run(spec: dict, queue) -> None:
     """multiprocessing target: pin, measure, put ("ok", results) or ("error", message)."""
-    from workers.stage_worker import die_with_parent
+    from hetsched.process_setup import die_with_parent
     die_with_parent(spec["parent_pid"])
     try:
         os.sched_setaffinity(0, spec["cores"])

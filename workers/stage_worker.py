@@ -13,7 +13,6 @@ compute samples) on the control socket; this doubles as its heartbeat.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -21,22 +20,10 @@ import sys
 import time
 import traceback
 
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Ask the kernel to SIGKILL us when the parent exits; bail out if it already has."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
-    if os.getppid() != parent_pid:
-        os._exit(3)
-
-
 def main(spec: dict) -> int:
+    from hetsched.process_setup import die_with_parent, keep_large_buffers
     die_with_parent(spec["parent_pid"])
+    keep_large_buffers()
     os.sched_setaffinity(0, spec["cores"])
     tag = f"[stage {spec['stage']}.{spec['replica']}]"
     logging.basicConfig(level=spec.get("log_level", logging.WARNING), format=f"%(asctime)s {tag} %(message)s")
@@ -70,8 +57,9 @@ def main(spec: dict) -> int:
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
-        if not spec.get("spinning", False):
-            # Spinning threads would burn the cycles the next frame's wait could give to others.
+        if spec["threads"] == 1 or not spec.get("spinning", True):
+            # A stage's intra-op threads spin only on the stage's own cores; with one thread there is
+            # nothing to spin for. (Without spinning onnxruntime's 2-thread runs are no faster than 1.)
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         passthrough = list(spec.get("passthrough", []))

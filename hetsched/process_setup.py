@@ -1,0 +1,46 @@
+"""Per-process set-up shared by the coordinator and every worker process."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+
+PR_SET_PDEATHSIG = 1
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent exits; exit now if it already has.
+
+    Note: the signal fires when the parent *thread* that started us exits, so processes are
+    started from the coordinator's main thread.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(3)
+
+
+def keep_large_buffers(threshold: int = 64 << 20) -> None:
+    """Serve multi-MB tensor buffers from the heap instead of a fresh mmap per message.
+
+    glibc maps every allocation above 128 KiB (its default threshold grows only up to 32 MiB and
+    only after a free) with mmap and unmaps it on free, so each received activation costs page
+    faults on fresh zeroed pages. Measured on SqueezeNet frames (600 KB) through the coordinator:
+    175 -> 207 frames/s with the threshold raised.
+    """
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, threshold)
+    libc.mallopt(M_TRIM_THRESHOLD, 4 * threshold)
