@@ -34,6 +34,7 @@ from hetsched.errors import HetschedError, ProtocolError, ShapeMismatch, WorkerD
 from hetsched.graph import ModelGraph, TensorInfo, extract_stage, passthrough_names
 from hetsched.planner import Plan
 from hetsched.process_setup import keep_large_buffers
+from hetsched.supervisor import Supervisor
 from hetsched.stage_protocol import Hop, control, decode_header, encode_header, parse_control, views
 
 log = logging.getLogger(__name__)
@@ -89,10 +90,15 @@ class WorkerHandle:
     ready: dict | None = None
     stats: dict = field(default_factory=dict)
     last_seen: float = 0.0
+    carry: dict = field(default_factory=dict)   # counters of this slot's earlier (dead) processes
 
     @property
     def pid(self) -> int | None:
         return self.process.pid
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.stage, self.replica)
 
 
 def _ort_shape_ok(reported: dict, expected: TensorInfo) -> bool:
@@ -111,7 +117,8 @@ class Pipeline:
     def __init__(self, model: onnx.ModelProto, graph: ModelGraph, plan: Plan, *, transport: str = "ipc",
                  host: str = "127.0.0.1", hwm: int = 1, max_inflight: int | None = None,
                  start_timeout: float = 60.0, stats_interval: float = 0.5, spinning: bool = True,
-                 run_dir: str | None = None, preprocess: Any = None, image_limits: Any = None):
+                 run_dir: str | None = None, preprocess: Any = None, image_limits: Any = None,
+                 heartbeat_timeout: float = 1.0):
         """``preprocess``: an InputConfig when the plan's layer 0 is image preprocessing (the chain is
         then [preprocess] + graph layers, and stage 0 accepts encoded JPEG/PNG bytes)."""
         self.model, self.graph, self.plan = model, graph, plan
@@ -137,6 +144,14 @@ class Pipeline:
         self._out_expected = [(t.dtype, t.shape) for t in graph.outputs]
         self.frame_errors: deque = deque(maxlen=100)
         self._last_check = 0.0
+        self._outq: deque = deque()            # messages for stage 0 not yet accepted by zmq (never blocks)
+        self._specs: dict[tuple[int, int], dict] = {}
+        self._downstream: dict[tuple[int, int], list[str]] = {}
+        self.stats_interval = min(stats_interval, heartbeat_timeout / 4)
+        self.supervisor = Supervisor(heartbeat_timeout=heartbeat_timeout, start_timeout=start_timeout)
+        self.recovery_times: list[float] = []  # seconds from a failure to the replay of its frames
+        self.replayed = 0
+        self.duplicates_dropped = 0
 
     # ---------------------------------------------------------------- endpoints
     def _endpoint(self, name: str) -> str:
@@ -161,6 +176,7 @@ class Pipeline:
         self._ctx = zmq.Context()
         self._ctl = self._ctx.socket(zmq.ROUTER)
         self._ctl.setsockopt(zmq.LINGER, 0)
+        self._ctl.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes over its identity
         self._ctl.bind(self._endpoint("ctl"))
         ctl_ep = self._ctl.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._results = self._ctx.socket(zmq.PULL)
@@ -168,9 +184,6 @@ class Pipeline:
         self._results.setsockopt(zmq.LINGER, 0)
         self._results.bind(self._endpoint("results"))
         results_ep = self._results.getsockopt(zmq.LAST_ENDPOINT).decode()
-
-        mpctx = mp.get_context("spawn")
-        from workers.stage_worker import run as worker_run
 
         for stage in self.plan.stages:
             g_first, g_last, has_prep = self.graph_range(stage)
@@ -184,7 +197,7 @@ class Pipeline:
                 passthrough = [t.name for t in self.graph.inputs]
             inputs = [t.to_dict() for t in self.graph.boundaries[g_first]]
             for r, cores in enumerate(stage.replica_cores()):
-                spec = {
+                self._specs[(stage.index, r)] = {
                     "stage": stage.index, "replica": r, "cores": list(cores), "threads": stage.threads,
                     "model_path": path, "inputs": inputs, "passthrough": passthrough,
                     "preprocess": dataclasses.asdict(self.preprocess) if has_prep else None,
@@ -194,11 +207,8 @@ class Pipeline:
                     "spinning": self.spinning, "connect_timeout": self.start_timeout,
                     "log_level": logging.getLogger("hetsched").getEffectiveLevel(),
                 }
-                proc = mpctx.Process(target=worker_run, args=(spec,), name=f"hetsched-stage{stage.index}r{r}",
-                                     daemon=True)
-                proc.start()
-                self.workers.append(WorkerHandle(stage.index, r, tuple(cores), stage.threads, proc,
-                                                 f"s{stage.index}r{r}".encode()))
+                self.workers.append(WorkerHandle(stage.index, r, tuple(cores), stage.threads,
+                                                 self._spawn((stage.index, r)), f"s{stage.index}r{r}".encode()))
         self._await("READY")
         self._check_shapes()
         by_stage: dict[int, list[str]] = {}
@@ -206,9 +216,18 @@ class Pipeline:
             by_stage.setdefault(w.stage, []).append(w.endpoint)
         last = len(self.plan.stages) - 1
         for w in self.workers:
-            eps = by_stage[w.stage + 1] if w.stage < last else [results_ep]
-            self._ctl.send_multipart([w.identity, control("CONNECT", endpoints=eps)])
+            self._downstream[w.key] = by_stage[w.stage + 1] if w.stage < last else [results_ep]
+            self._ctl.send_multipart([w.identity, control("CONNECT", endpoints=self._downstream[w.key])])
+            # a replacement binds the same address, so its neighbours reconnect by themselves
+            self._specs[w.key]["bind"] = w.endpoint
         self._await("RUNNING")
+        now = time.monotonic()
+        for w in self.workers:
+            stage = self.plan.stages[w.stage]
+            # a stage busy with one long frame sends no heartbeat meanwhile: allow for it
+            hb = max(self.supervisor.heartbeat_timeout, 3 * stage.service_ms / 1e3 + 0.5)
+            self.supervisor.add(w.key, now, hb)
+            self.supervisor.on_running(w.key, now)
         self._feed = self._ctx.socket(zmq.PUSH)
         self._feed.setsockopt(zmq.SNDHWM, self.hwm)
         self._feed.setsockopt(zmq.LINGER, 0)
@@ -216,6 +235,13 @@ class Pipeline:
             self._feed.connect(ep)
         self.t_started = time.monotonic()
         log.info("pipeline running: %d stages, %d workers", len(self.plan.stages), len(self.workers))
+
+    def _spawn(self, key: tuple[int, int]):
+        from workers.stage_worker import run as worker_run
+        proc = mp.get_context("spawn").Process(target=worker_run, args=(self._specs[key],),
+                                               name=f"hetsched-stage{key[0]}r{key[1]}", daemon=True)
+        proc.start()
+        return proc
 
     def graph_range(self, stage) -> tuple[int, int, bool]:
         """(first graph layer, last graph layer, does preprocessing) of a plan stage; last < first when
@@ -259,31 +285,34 @@ class Pipeline:
 
     def _check_shapes(self) -> None:
         for w in self.workers:
-            g_first, g_last, _ = self.graph_range(self.plan.stages[w.stage])
-            if g_last < g_first:
-                continue  # preprocessing-only stage: no session
-            want_in = {t.name: t for t in self.graph.boundaries[g_first]}
-            passthrough = set(w.ready.get("passthrough", []))
-            want_out = {t.name: t for t in self.graph.boundaries[g_last + 1] if t.name not in passthrough}
-            got_in = {i["name"]: i for i in w.ready["inputs"]}
-            got_out = {o["name"]: o for o in w.ready["outputs"]}
-            if not set(got_in) <= set(want_in):
-                raise ShapeMismatch(f"stage {w.stage}: inputs {sorted(got_in)}, plan expects {sorted(want_in)}")
-            if sorted(got_out) != sorted(want_out):
-                raise ShapeMismatch(f"stage {w.stage}: outputs {sorted(got_out)}, plan expects {sorted(want_out)}")
-            for name, rep in list(got_in.items()) + list(got_out.items()):
-                want = want_in.get(name) or want_out.get(name)
-                if not _ort_shape_ok(rep, want):
-                    raise ShapeMismatch(f"stage {w.stage} tensor {name!r}: session has {rep['type']}{rep['shape']}, "
-                                        f"plan expects {want.dtype}{list(want.shape)}")
-            if sorted(w.ready["cores"]) != sorted(w.cores):
-                raise WorkerDied(f"stage {w.stage} replica {w.replica} runs on cores {w.ready['cores']}, "
-                                 f"plan says {list(w.cores)}")
+            self._check_worker(w)
+
+    def _check_worker(self, w: WorkerHandle) -> None:
+        g_first, g_last, _ = self.graph_range(self.plan.stages[w.stage])
+        if g_last < g_first:
+            return  # preprocessing-only stage: no session
+        want_in = {t.name: t for t in self.graph.boundaries[g_first]}
+        passthrough = set(w.ready.get("passthrough", []))
+        want_out = {t.name: t for t in self.graph.boundaries[g_last + 1] if t.name not in passthrough}
+        got_in = {i["name"]: i for i in w.ready["inputs"]}
+        got_out = {o["name"]: o for o in w.ready["outputs"]}
+        if not set(got_in) <= set(want_in):
+            raise ShapeMismatch(f"stage {w.stage}: inputs {sorted(got_in)}, plan expects {sorted(want_in)}")
+        if sorted(got_out) != sorted(want_out):
+            raise ShapeMismatch(f"stage {w.stage}: outputs {sorted(got_out)}, plan expects {sorted(want_out)}")
+        for name, rep in list(got_in.items()) + list(got_out.items()):
+            want = want_in.get(name) or want_out.get(name)
+            if not _ort_shape_ok(rep, want):
+                raise ShapeMismatch(f"stage {w.stage} tensor {name!r}: session has {rep['type']}{rep['shape']}, "
+                                    f"plan expects {want.dtype}{list(want.shape)}")
+        if sorted(w.ready["cores"]) != sorted(w.cores):
+            raise WorkerDied(f"stage {w.stage} replica {w.replica} runs on cores {w.ready['cores']}, "
+                             f"plan says {list(w.cores)}")
 
     # ---------------------------------------------------------------- data path
     @property
     def can_submit(self) -> bool:
-        return len(self.inflight) < self.max_inflight
+        return not self.supervisor.recovering and len(self.inflight) < self.max_inflight
 
     def submit(self, arrays: Sequence[np.ndarray] | np.ndarray, tag: Any = None) -> int:
         """Send one frame (model inputs in graph order) into stage 0; returns its frame id.
@@ -318,16 +347,28 @@ class Pipeline:
         return fid
 
     def _send_feed(self, parts: list) -> None:
-        deadline = time.monotonic() + 30.0
-        while True:
+        self._outq.append(parts)
+        self._flush_feed()
+
+    def _flush_feed(self) -> None:
+        """Hand queued frames to zmq without ever blocking the coordinator's loop."""
+        while self._outq:
             try:
-                self._feed.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
-                return
+                self._feed.send_multipart(self._outq[0], flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                self.check_workers()
-                if time.monotonic() > deadline:
-                    raise WorkerDied("stage 0 accepted no frame for 30 s")
-                self._feed.poll(50, zmq.POLLOUT)
+                return
+            self._outq.popleft()
+
+    def _replay(self) -> None:
+        """Resend every frame in flight; results already delivered are never delivered twice."""
+        self._outq.clear()
+        for fid in sorted(self.inflight):
+            entry = self.inflight[fid]
+            arrays = [np.frombuffer(f.buffer if hasattr(f, "buffer") else f, dtype=np.uint8)
+                      if not isinstance(f, np.ndarray) else f for f in entry.frames]
+            self._outq.append([encode_header(fid, entry.t_submit, arrays), *entry.frames])
+        self.replayed += len(self.inflight)
+        self._flush_feed()
 
     def register(self, poller: zmq.Poller) -> None:
         """Add the pipeline's sockets to a caller's poller (see ``process``)."""
@@ -354,18 +395,48 @@ class Pipeline:
                 res = self._on_result(parts)
                 if res is not None:
                     done.append(res)
+        if self._outq:
+            self._flush_feed()
         now = time.monotonic()
-        if now - self._last_check > 0.2:
+        if now - self._last_check > 0.05:
             self._last_check = now
-            self.check_workers()
+            self._supervise(now)
         return done
+
+    def _supervise(self, now: float) -> None:
+        sup = self.supervisor
+        alive = {w.key: w.process.is_alive() for w in self.workers}
+        for w in self.workers:
+            sup.mark_stable(w.key, now)
+        for action in sup.tick(now, alive):
+            w = next((x for x in self.workers if x.key == action.key), None)
+            if action.kind == "kill" and w is not None:
+                log.warning("stage %d replica %d (pid %s) %s: killing it", w.stage, w.replica, w.pid, action.reason)
+                w.process.kill()
+                w.process.join(2.0)
+            elif action.kind == "spawn" and w is not None:
+                code = w.process.exitcode
+                log.warning("stage %d replica %d (pid %s) %s (%s); restarting it on cores %s (restart %d)",
+                            w.stage, w.replica, w.pid, action.reason, describe_exit(code), list(w.cores),
+                            sup.slots[w.key].restarts)
+                w.process.join(0.5)
+                for k in ("frames", "errors", "wait_s", "compute_s", "send_s"):
+                    w.carry[k] = w.carry.get(k, 0) + w.stats.get(k, 0)
+                w.stats = {"all_samples": w.stats.get("all_samples", [])}
+                w.ready = None
+                w.process = self._spawn(w.key)
+            elif action.kind == "replay":
+                if sup.t_failure is not None:
+                    self.recovery_times.append(now - sup.t_failure)
+                log.warning("all stages running again; replaying %d frames in flight", len(self.inflight))
+                self._replay()
 
     def _on_result(self, parts: list) -> FrameResult | None:
         t_done = time.monotonic()
         hdr = decode_header(parts[0].buffer)
         entry = self.inflight.pop(hdr.frame_id, None)
-        if entry is None:
-            log.warning("result for unknown or finished frame %d dropped", hdr.frame_id)
+        if entry is None:  # a replayed frame finished twice: the first result was delivered
+            self.duplicates_dropped += 1
             return None
         outs = views(hdr, parts[1:], self._out_expected)
         self.completed += 1
@@ -385,9 +456,23 @@ class Pipeline:
             w = self._worker(identity)
             if w is None:
                 continue
-            w.last_seen = time.monotonic()
+            now = w.last_seen = time.monotonic()
+            if w.key in self.supervisor.slots:
+                self.supervisor.on_heartbeat(w.key, now)
             if msg["type"] == "STATS":
-                self._on_stats(w, msg)
+                if msg.get("pid") in (None, w.pid):
+                    self._on_stats(w, msg)
+            elif msg["type"] == "READY":  # a replacement worker
+                w.ready, w.endpoint = msg, msg["endpoint"]
+                try:
+                    self._check_worker(w)
+                except (ShapeMismatch, WorkerDied) as exc:
+                    log.error("replacement for stage %d replica %d is wrong: %s", w.stage, w.replica, exc)
+                    w.process.kill()
+                    continue
+                self._ctl.send_multipart([w.identity, control("CONNECT", endpoints=self._downstream[w.key])])
+            elif msg["type"] == "RUNNING":
+                self.supervisor.on_running(w.key, now)
             elif msg["type"] == "FRAME_ERROR":
                 fid = msg.get("frame_id")
                 entry = self.inflight.pop(fid, None) if fid is not None else None
@@ -397,7 +482,8 @@ class Pipeline:
                     done.append(FrameResult(fid, [], (), entry.t_submit, time.monotonic(), entry.tag,
                                             error=msg.get("error"), code=msg.get("code")))
             elif msg["type"] == "FAILED":
-                raise WorkerDied(f"stage {w.stage} replica {w.replica} failed: {msg.get('error')}")
+                log.error("stage %d replica %d failed: %s", w.stage, w.replica, msg.get("error"))
+                w.process.kill()
 
     def _on_stats(self, w: WorkerHandle, msg: dict) -> None:
         prev = w.stats
@@ -405,10 +491,10 @@ class Pipeline:
         w.stats = {**msg, "all_samples": samples}
 
     def check_workers(self) -> None:
-        for w in self.workers:
-            if not w.process.is_alive():
-                raise WorkerDied(f"stage {w.stage} replica {w.replica} (pid {w.pid}, cores {list(w.cores)}) "
-                                 f"{describe_exit(w.process.exitcode)}; {len(self.inflight)} frames in flight")
+        """Raise if the pipeline cannot make progress any more (supervision restarts dead workers)."""
+        if self.supervisor.degraded and self.supervisor.recovering:
+            bad = {k: s.last_reason for k, s in self.supervisor.slots.items() if s.consecutive_failures}
+            log.error("pipeline degraded: workers keep crashing on start: %s", bad)
 
     def run(self, inputs: Iterable[Sequence[np.ndarray] | np.ndarray], timeout: float = 60.0) -> Iterator[FrameResult]:
         """Stream ``inputs`` through the pipeline; yield results in input order."""
@@ -455,7 +541,7 @@ class Pipeline:
                    "frames": 0, "errors": 0, "wait_s": 0.0, "compute_s": 0.0, "send_s": 0.0, "samples": []}
             for w in ws:
                 for k in ("frames", "errors", "wait_s", "compute_s", "send_s"):
-                    agg[k] += w.stats.get(k, 0)
+                    agg[k] += w.stats.get(k, 0) + w.carry.get(k, 0)
                 agg["samples"] += w.stats.get("all_samples", [])
             out.append(agg)
         return out

@@ -127,7 +127,7 @@ class Service:
 @contextlib.contextmanager
 def running_service(squeezenet, tmp_path, *, stages=TWO_STAGES, preprocess: bool = True,
                     max_inflight: int | None = None, limits: ServerLimits | None = None,
-                    drain_timeout: float = 2.0, before_serve=None):
+                    drain_timeout: float = 2.0, before_serve=None, heartbeat_timeout: float = 1.0):
     """Pipeline + Server + serve thread; on exit: stop, join the thread, close, stop the pipeline."""
     model, g = squeezenet
     sock_dir = str(tmp_path)
@@ -137,6 +137,7 @@ def running_service(squeezenet, tmp_path, *, stages=TWO_STAGES, preprocess: bool
     labels = Path(sock_dir) / "labels.txt"
     labels.write_text("".join(f"n{i:08d} class {i}\n" for i in range(N_CLASSES)))
     pipe = Pipeline(model, g, make_plan(g, stages, preprocess), max_inflight=max_inflight,
+                    heartbeat_timeout=heartbeat_timeout,
                     preprocess=InputConfig() if preprocess else None, image_limits=ImageLimits() if preprocess else None)
     server = thread = None
     stop = threading.Event()
@@ -553,7 +554,7 @@ def test_per_client_limits_and_a_raw_only_service(squeezenet, tmp_path):
     x = tensor(g)
     limits = ServerLimits(max_inflight_per_client=4, max_streams_per_client=1)
     with running_service(squeezenet, tmp_path, stages=RAW_TWO_STAGES, preprocess=False, max_inflight=2,
-                         limits=limits) as svc:
+                         limits=limits, heartbeat_timeout=60.0) as svc:
         with svc.client() as c, svc.client() as d:
             h = c.hello()
             assert h["accepts"] == ["raw"]
@@ -591,7 +592,7 @@ def test_per_client_limits_and_a_raw_only_service(squeezenet, tmp_path):
 @pytest.mark.timeout(60)
 def test_stopping_service_refuses_new_frames_and_times_out_unfinished_ones(squeezenet, tmp_path):
     img = image_bytes("JPEG", seed=10)
-    with running_service(squeezenet, tmp_path, drain_timeout=3.0) as svc:
+    with running_service(squeezenet, tmp_path, drain_timeout=3.0, heartbeat_timeout=60.0) as svc:
         with svc.client() as c:
             c.submit(img, stream="s")
             check_result(c.recv(20), "s", 0)

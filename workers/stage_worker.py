@@ -122,8 +122,15 @@ def main(spec: dict) -> int:
         t_last_stats = t_idle_from = time.monotonic()
         draining = False
         monotonic = time.monotonic
+        def send_stats(final: bool = False) -> None:
+            nonlocal samples
+            ctl.send(control("STATS", stage=stage, replica=replica, pid=os.getpid(), frames=frames_done,
+                             errors=errors, wait_s=wait_s, compute_s=compute_s, send_s=send_s,
+                             samples=samples[-512:], t=monotonic(), draining=draining, final=final))
+            samples = []
+
         while not stop["flag"]:
-            events = dict(poller.poll(100))
+            events = dict(poller.poll(min(100, int(interval * 1000))))
             if ctl in events:
                 msg = parse_control(ctl.recv())
                 if msg["type"] == "STOP":
@@ -169,7 +176,11 @@ def main(spec: dict) -> int:
                     except zmq.Again:
                         if stop["flag"]:
                             break
-                        out.poll(100, zmq.POLLOUT)
+                        out.poll(50, zmq.POLLOUT)
+                        # blocked by a slow or restarting neighbour is not hung: keep the heartbeat
+                        if monotonic() - t_last_stats >= interval:
+                            send_stats()
+                            t_last_stats = monotonic()
                 t_sent = monotonic()
                 frames_done += 1
                 wait_s += t_recv - t_idle_from
@@ -179,14 +190,9 @@ def main(spec: dict) -> int:
                 t_idle_from = t_sent
             now = monotonic()
             if now - t_last_stats >= interval:
-                ctl.send(control("STATS", stage=stage, replica=replica, pid=os.getpid(), frames=frames_done,
-                                 errors=errors, wait_s=wait_s, compute_s=compute_s, send_s=send_s,
-                                 samples=samples[-512:], t=now, draining=draining))
-                samples = []
+                send_stats()
                 t_last_stats = now
-        ctl.send(control("STATS", stage=stage, replica=replica, pid=os.getpid(), frames=frames_done,
-                         errors=errors, wait_s=wait_s, compute_s=compute_s, send_s=send_s,
-                         samples=samples[-512:], t=time.monotonic(), final=True))
+        send_stats(final=True)
         return 0
     except Exception as exc:
         try:

@@ -1,0 +1,224 @@
+"""Reliability on real processes: killed and hung workers are replaced and their frames replayed
+(every result exactly once, in order, equal to the unsplit model); overload is refused with BUSY
+and memory stays flat; SIGTERM drains every accepted frame."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import onnxruntime as ort
+import psutil
+import pytest
+
+from hetsched.client import Client
+from hetsched.coordinator import Pipeline
+from hetsched.graph import random_inputs
+from hetsched.server import Server
+
+from .conftest import wait_for
+from .test_lifecycle import alive, descendants, start_service
+from .test_pipeline import manual_plan
+
+RAW_CONFIG = """
+model: builtin:squeezenet1.1
+clusters:
+  big: {cores: [0]}
+  little: {cores: [1]}
+profile: {measure: false}
+"""
+
+
+class InProcessService:
+    def __init__(self, squeezenet, tmp_path, stages):
+        model, g = squeezenet
+        self.pipe = Pipeline(model, g, manual_plan(g, stages), heartbeat_timeout=1.0)
+        self.pipe.start()
+        self.server = Server(self.pipe, f"ipc://{tmp_path}/c.sock")
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.server.serve, args=(self.stop.is_set,), daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(30)
+        self.server.close()
+        self.pipe.stop(drain_timeout=0)
+
+
+@pytest.fixture
+def service(squeezenet, tmp_path):
+    svc = InProcessService(squeezenet, tmp_path, [((0,), 0, 10, 1, 1), ((1,), 11, 22, 1, 1)])
+    yield svc
+    svc.close()
+
+
+def reference_pool(squeezenet, n=6):
+    model, g = squeezenet
+    xs = [random_inputs(g.inputs, seed=100 + i)["data"] for i in range(n)]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return xs, [sess.run(None, {"data": x})[0] for x in xs]
+
+
+def stream_and_check(svc, xs, want, n_frames, during=None, window=6):
+    """Stream n frames (raw, outputs requested); check exactly-once, in-order, equal outputs."""
+    got: list[dict] = []
+    with Client(svc.server.endpoint, timeout=30) as c:
+        sent = 0
+        action = threading.Thread(target=during, daemon=True) if during else None
+        if action:
+            action.start()
+        while len(got) < n_frames:
+            while sent < n_frames and sent - len(got) < window:
+                c.submit(xs[sent % len(xs)], stream="chaos", want_outputs=True)
+                sent += 1
+            rep = c.recv(30)
+            assert rep is not None, f"no reply after {len(got)} of {n_frames}"
+            if rep["type"] in ("result", "error"):
+                got.append(rep)
+        assert c.recv(0.5) is None, "a frame was answered twice"
+        if action:
+            action.join(60)
+    assert [r["seq"] for r in got] == list(range(n_frames))
+    for r in got:
+        assert r["type"] == "result", r
+        assert np.abs(r["arrays"][0] - want[r["seq"] % len(xs)]).max() <= 1e-4
+    return got
+
+
+@pytest.mark.timeout(180)
+def test_chaos_sigkill_random_workers_every_frame_exactly_once(service, squeezenet):
+    xs, want = reference_pool(squeezenet)
+    rng = random.Random(7)
+    kills = []
+
+    def killer():
+        for _ in range(4):
+            wait_for(lambda: not service.pipe.supervisor.recovering and service.pipe.completed > 10 * (len(kills) + 1),
+                     timeout=60, what="the pipeline to run again")
+            w = rng.choice(service.pipe.workers)
+            kills.append((w.stage, w.pid))
+            os.kill(w.pid, signal.SIGKILL)
+            time.sleep(0.3)
+
+    stream_and_check(service, xs, want, 160, during=killer)
+    assert len(kills) == 4
+    sup = service.pipe.supervisor
+    assert sup.restarts == 4 and len(service.pipe.recovery_times) == 4
+    print(f"\nkilled {kills}; recovery (kill -> replay) times: "
+          f"{[round(t, 3) for t in service.pipe.recovery_times]} s; replayed {service.pipe.replayed} frames, "
+          f"dropped {service.pipe.duplicates_dropped} duplicate results")
+    for w in service.pipe.workers:  # replacements are pinned like the originals
+        assert os.sched_getaffinity(w.pid) == set(w.cores)
+
+
+@pytest.mark.timeout(120)
+def test_hung_worker_is_detected_replaced_and_its_frames_replayed(service, squeezenet):
+    xs, want = reference_pool(squeezenet)
+    victim = {}
+
+    def hang():
+        wait_for(lambda: service.pipe.completed > 10, timeout=30, what="some frames")
+        w = service.pipe.workers[1]
+        victim["pid"] = w.pid
+        os.kill(w.pid, signal.SIGSTOP)
+
+    stream_and_check(service, xs, want, 60, during=hang)
+    assert not psutil.pid_exists(victim["pid"]) or psutil.Process(victim["pid"]).status() == psutil.STATUS_ZOMBIE
+    assert service.pipe.workers[1].pid != victim["pid"]
+    assert "hung" in service.pipe.supervisor.slots[(1, 0)].last_reason
+
+
+def rss_tree(pid):
+    procs = [psutil.Process(pid)] + descendants(pid)
+    out = {}
+    for p in procs:
+        try:
+            if "emulation" not in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline()):
+                out[p.pid] = p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.mark.timeout(240)
+def test_overload_is_refused_with_busy_and_memory_stays_flat(tmp_path):
+    proc, sock, lines = start_service(tmp_path, RAW_CONFIG)
+    try:
+        x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+        with Client(sock, timeout=30) as c:
+            # capacity, measured saturated
+            t0, n = time.monotonic(), 0
+            for _ in range(60):
+                c.submit(x)
+            for _ in c.replies(expect=60):
+                n += 1
+            capacity = n / (time.monotonic() - t0)
+            rate = 3 * capacity
+            sent = results = busy = other = 0
+            rss_warm = None
+            t_start = time.monotonic()
+            duration = 30.0
+            while time.monotonic() - t_start < duration:
+                due = int((time.monotonic() - t_start) * rate)
+                while sent < due:
+                    c.submit(x)
+                    sent += 1
+                rep = c.recv(0.002)
+                while rep is not None:
+                    if rep["type"] == "result":
+                        results += 1
+                    elif rep.get("code") in ("BUSY", "LIMIT"):
+                        busy += 1
+                    else:
+                        other += 1
+                    rep = c.recv(0)
+                if rss_warm is None and time.monotonic() - t_start > 5:
+                    rss_warm = rss_tree(proc.pid)
+            for rep in c.replies(expect=sent - results - busy - other, timeout=30):
+                if rep["type"] == "result":
+                    results += 1
+                elif rep.get("code") in ("BUSY", "LIMIT"):
+                    busy += 1
+                else:
+                    other += 1
+            rss_end = rss_tree(proc.pid)
+        print(f"\ncapacity {capacity:.0f}/s, offered {rate:.0f}/s for {duration:.0f} s: sent {sent}, "
+              f"results {results}, busy {busy}, other {other}")
+        assert results + busy == sent and other == 0 and busy > 0
+        for pid, before in rss_warm.items():
+            after = rss_end.get(pid, before)
+            assert after < before * 1.10, f"pid {pid}: RSS {before >> 20} MiB -> {after >> 20} MiB"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_during_load_answers_every_accepted_frame(tmp_path):
+    proc, sock, lines = start_service(tmp_path, RAW_CONFIG)
+    kids = descendants(proc.pid)
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    with Client(sock, timeout=30) as c:
+        for _ in range(40):
+            c.submit(x)
+        first = c.recv(30)
+        assert first["type"] == "result"
+        proc.send_signal(signal.SIGTERM)
+        replies = [first] + list(c.replies(expect=39, timeout=30))
+    codes = [r.get("code") for r in replies if r["type"] == "error"]
+    results = sum(r["type"] == "result" for r in replies)
+    # every accepted frame finishes (drain timeout 10 s); frames that arrived after the stop began
+    # are refused with SHUTTING_DOWN, never lost
+    assert set(codes) <= {"SHUTTING_DOWN"}, codes
+    assert results + len(codes) == 40 and results >= 1
+    assert proc.wait(30) == 0, "".join(lines)
+    wait_for(lambda: not alive(kids), timeout=5, what="workers to exit")
