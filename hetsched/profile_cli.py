@@ -121,6 +121,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                      f"clients {snap['clients']}",
                      f"completed {snap['completed']}  errors {snap['errors']}  busy {snap['busy']}  "
                      f"queue pending {snap['queue']['pending']} in flight {snap['queue']['in_flight']}"]
+            sup = snap.get("supervision", {})
+            health = "DEGRADED (workers crash on start)" if sup.get("degraded") else (
+                "recovering" if sup.get("recovering") else "ok")
+            lines.append(f"health {health}  restarts {sup.get('restarts', 0)}  replayed {sup.get('replayed', 0)}")
             if prev is not None:
                 dt = snap["uptime_s"] - prev["uptime_s"]
                 rate = (snap["completed"] - prev["completed"]) / dt if dt > 0 else 0.0

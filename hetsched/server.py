@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -22,15 +22,18 @@ from hetsched import client_protocol as cp
 from hetsched.coordinator import FrameResult, Pipeline
 from hetsched.errors import ConfigError, ProtocolError
 from hetsched.preprocess import ImageLimits, load_labels, sniff_format, top_k
+from hetsched.security import SecuritySettings, ServerAuth, check_bind
 
 log = logging.getLogger(__name__)
 
 
 IDLE_CLIENT_S = 60.0
+MAX_TRACKED_STREAMS = 10000
 
 
 @dataclass
 class ServerLimits:
+    """Limits on what one peer controls (config section ``limits:``; docs/protocol.md sections 7, 8)."""
     max_message_bytes: int = 32 * 1024 * 1024   # zmq MAXMSGSIZE: bigger messages drop the connection
     max_tensor_elements: int = 16 * 1024 * 1024
     max_streams_per_client: int = 64
@@ -67,35 +70,76 @@ class _Job:
     t_accepted: float
 
 
+def check_limits(limits: ServerLimits, image_limits: ImageLimits, model_input: Any) -> None:
+    """Limits that contradict each other or the model; errors name the config key."""
+    if limits.max_message_bytes < cp.MAX_HEADER_BYTES:
+        raise ConfigError(f"limits.max_message_bytes: {limits.max_message_bytes} is below the header limit "
+                          f"({cp.MAX_HEADER_BYTES} bytes)")
+    if image_limits.max_encoded_bytes > limits.max_message_bytes:
+        raise ConfigError(f"limits.max_encoded_bytes: {image_limits.max_encoded_bytes} exceeds "
+                          f"limits.max_message_bytes ({limits.max_message_bytes}): such images would drop "
+                          "the connection instead of getting TOO_LARGE")
+    shape = tuple(model_input.shape)
+    n = int(np.prod(shape))
+    nbytes = n * np.dtype(model_input.dtype).itemsize
+    if n > limits.max_tensor_elements:
+        raise ConfigError(f"limits.max_tensor_elements: {limits.max_tensor_elements} is below the model input's "
+                          f"{n} elements")
+    if nbytes > limits.max_message_bytes:
+        raise ConfigError(f"limits.max_message_bytes: {limits.max_message_bytes} is below the model input's "
+                          f"{nbytes} bytes")
+
+
 class Server:
     def __init__(self, pipeline: Pipeline, bind: str, *, labels_path: str | None = None, top_k: int = 5,
                  limits: ServerLimits | None = None, image_limits: ImageLimits | None = None,
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, security: SecuritySettings | None = None):
+        """``security``: CURVE keys for the client socket (docs/security.md). Without server keys
+        only a loopback, ipc:// or inproc:// ``bind`` is accepted (unless ``security.insecure``)."""
         self.pipe = pipeline
         self.limits = limits or ServerLimits()
         self.image_limits = image_limits or ImageLimits()
+        self.security = security or SecuritySettings()
+        check_limits(self.limits, self.image_limits, pipeline.graph.inputs[0])
+        check_bind(bind, self.security, "server.bind")
         self.labels = load_labels(labels_path)
         n_classes = int(np.prod(pipeline.graph.outputs[0].shape))
         if self.labels is not None and len(self.labels) != n_classes:
             raise ConfigError(f"input.labels: {labels_path} has {len(self.labels)} labels, the model "
                               f"outputs {n_classes} classes")
         self.top_k = top_k
-        self._ctx = context or zmq.Context.instance()
-        self.front = self._ctx.socket(zmq.ROUTER)
-        self.front.setsockopt(zmq.LINGER, 0)
-        self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.front.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
-        self.front.setsockopt(zmq.SNDHWM, 1000)
-        self.front.setsockopt(zmq.RCVHWM, 1000)
-        self.front.bind(bind)
+        self.auth: ServerAuth | None = None
+        # A context holds one ZAP handler, so a secured server gets a context of its own.
+        self._own_ctx = context is None and self.security.server_enabled
+        self._ctx = context or (zmq.Context() if self._own_ctx else zmq.Context.instance())
+        self.front = None
+        try:
+            if self.security.server_enabled:
+                self.auth = ServerAuth(self._ctx, self.security, "server.bind")
+            self.front = self._ctx.socket(zmq.ROUTER)
+            self.front.setsockopt(zmq.LINGER, 0)
+            self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self.front.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
+            self.front.setsockopt(zmq.SNDHWM, 1000)
+            self.front.setsockopt(zmq.RCVHWM, 1000)
+            if self.auth is not None:
+                self.auth.apply(self.front)  # before bind: no connection is ever unauthenticated
+            self.front.bind(bind)
+            if self.auth is not None:
+                self.auth.watch(self.front)
+        except BaseException:
+            self.close()
+            raise
         self.endpoint = self.front.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.clients: dict[bytes, _Client] = {}
         self.pending: deque[_Job] = deque()
         self.jobs: dict[int, _Job] = {}
         self.accepting = True
-        self.counters = {"accepted": 0, "completed": 0, "errors": 0, "busy": 0, "rejected": 0}
+        self.counters = {"accepted": 0, "completed": 0, "errors": 0, "busy": 0, "rejected": 0,
+                         "auth_rejected": 0}
         self.t_start = self._last_prune = time.monotonic()
         self.traces: deque = deque(maxlen=cp.MAX_TRACE_FRAMES)  # (frame_id, t_submit, hops, t_done)
+        self.stream_progress: OrderedDict[str, int] = OrderedDict()  # stream -> last seq replied
         self._in_expected = (pipeline.graph.inputs[0].dtype, pipeline.graph.inputs[0].shape)
         self._out_names = [t.name for t in pipeline.graph.outputs]
 
@@ -115,6 +159,8 @@ class Server:
 
     def step(self, poller: zmq.Poller, timeout_ms: int) -> None:
         events = dict(poller.poll(timeout_ms))
+        if self.auth is not None:
+            self.counters["auth_rejected"] = self.auth.rejected
         if self.front in events:
             for _ in range(256):
                 try:
@@ -144,7 +190,15 @@ class Server:
             time.sleep(0.005)
 
     def close(self) -> None:
-        self.front.close(linger=0)
+        if self.auth is not None:
+            self.counters["auth_rejected"] = self.auth.rejected
+            self.auth.close()  # monitors first (they watch the socket), then the ZAP thread
+        if self.front is not None:
+            self.front.close(linger=0)
+        self.auth = None
+        if self._own_ctx:
+            self._ctx.term()
+            self._own_ctx = False
 
     # ------------------------------------------------------------------ client messages
     def _client(self, identity: bytes) -> _Client:
@@ -171,9 +225,11 @@ class Server:
                 self._reply_now(client, [cp.encode({"type": "stats", **self.snapshot()})])
             elif t == "query":
                 s = cp.check_stream(msg.get("stream", "default"))
-                pend = [e.seq for e in client.streams.get(s, ())]
+                # streams outlive connections: a client that reconnects with the same stream id
+                # learns what was delivered (to any connection) and what is still being worked on
+                pend = sorted(e.seq for c in self.clients.values() for e in c.streams.get(s, ()))
                 self._reply_now(client, [cp.encode({"type": "query", "stream": s,
-                                                    "last_delivered": client.delivered.get(s),
+                                                    "last_delivered": self.stream_progress.get(s),
                                                     "pending": pend})])
             elif t == "trace":
                 limit = msg.get("limit", 1000)
@@ -259,6 +315,10 @@ class Server:
             e = q.popleft()
             client.outbox.append(e.reply)
             client.delivered[job.stream] = e.seq
+            self.stream_progress[job.stream] = e.seq
+            self.stream_progress.move_to_end(job.stream)
+            if len(self.stream_progress) > MAX_TRACKED_STREAMS:
+                self.stream_progress.popitem(last=False)
         if q is not None and not q:
             del client.streams[job.stream]
 
@@ -313,6 +373,8 @@ class Server:
 
     def snapshot(self, samples: int = 2000) -> dict:
         """Service state: plan, per-stage cumulative worker counters and recent compute samples."""
+        if self.auth is not None:
+            self.counters["auth_rejected"] = self.auth.rejected
         now = time.monotonic()
         uptime = now - self.t_start
         names = self.pipe.plan.layer_names
@@ -331,4 +393,8 @@ class Server:
                            "predicted_ms": st.compute_ms, "predicted_period_ms": st.period_ms})
         return {"uptime_s": uptime, "t": now, "plan": self.pipe.plan.to_dict(), "stages": stages,
                 "queue": {"pending": len(self.pending), "in_flight": len(self.pipe.inflight)},
-                "clients": len(self.clients), "workers": len(self.pipe.workers), **self.counters}
+                "clients": len(self.clients), "workers": len(self.pipe.workers),
+                "supervision": {**self.pipe.supervisor.describe(),
+                                "recovery_times_s": [round(t, 3) for t in self.pipe.recovery_times],
+                                "replayed": self.pipe.replayed, "duplicates_dropped": self.pipe.duplicates_dropped},
+                **self.counters}

@@ -222,3 +222,16 @@ def test_sigterm_during_load_answers_every_accepted_frame(tmp_path):
     assert results + len(codes) == 40 and results >= 1
     assert proc.wait(30) == 0, "".join(lines)
     wait_for(lambda: not alive(kids), timeout=5, what="workers to exit")
+
+
+@pytest.mark.timeout(60)
+def test_reconnecting_client_asks_which_frames_are_done(service, squeezenet):
+    xs, _ = reference_pool(squeezenet, n=2)
+    with Client(service.server.endpoint, timeout=30) as c:
+        for i in range(5):
+            c.submit(xs[i % 2], stream="cam7")
+        list(c.replies(expect=5))
+    with Client(service.server.endpoint, timeout=30) as c2:   # a new connection, same stream id
+        q = c2.query("cam7")
+        assert q["last_delivered"] == 4 and q["pending"] == []
+        assert c2.stats()["supervision"]["restarts"] == 0
