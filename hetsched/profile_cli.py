@@ -12,6 +12,18 @@ import time
 from hetsched.errors import HetschedError
 
 
+def settled_stats(client, timeout: float = 3.0) -> dict:
+    """A stats snapshot taken once every stage's reported frame count has caught up with the
+    frames the service completed (workers report every heartbeat interval)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        snap = client.stats()
+        done = snap["completed"] + snap["errors"]
+        if all(s["frames"] + s["errors"] >= done for s in snap["stages"]) or time.monotonic() > deadline:
+            return snap
+        time.sleep(0.05)
+
+
 def drive_and_measure(endpoint: str, *, duration: float, fps: float | None, warmup: float, window: int,
                       images: list[str] | None, stop, limit_fps: float | None, progress=None) -> dict:
     """Connect, warm up, snapshot, drive load for ``duration`` s, snapshot, fetch the trace; return
@@ -32,12 +44,10 @@ def drive_and_measure(endpoint: str, *, duration: float, fps: float | None, warm
         if warmup > 0:
             feed(c, frames(), fps=fps, duration=warmup, count=None, window=window, stream="warmup",
                  should_stop=stop)
-        before = c.stats()
+        before = settled_stats(c)
         stats = feed(c, frames(), fps=fps, duration=duration, count=None, window=window, stream="profile",
                      should_stop=stop, on_progress=progress)
-        # let workers report the counters of the last frames
-        time.sleep(0.6)
-        after = c.stats()
+        after = settled_stats(c)
         trace = c.trace(2000)
     window_s = stats.summary()["seconds"]
     report = build_report(before, after, stats.latencies_ms, stats.sent, stats.received, stats.errors + stats.busy,
