@@ -130,7 +130,7 @@ def _serve(args: argparse.Namespace, demo: Callable | None, finish: Callable | N
     """Prepare and run the service. With ``demo`` (a driver run in a thread as
     demo(endpoint, prep, result, stop)), stop when it returns and call finish(result, prep, server)."""
     from hetsched.config import resolve_clusters
-    from hetsched.service import emulation, prepare, running_service
+    from hetsched.service import emulation, pin_coordinator, prepare, running_service
     from hetsched.topology import detect_topology
 
     stop = StopFlag().install()
@@ -139,12 +139,14 @@ def _serve(args: argparse.Namespace, demo: Callable | None, finish: Callable | N
     progress = _progress(False)
     eprint("hetsched: preparing")
     with emulation(clusters, cfg.emulation_period_ms, progress):
+        # the coordinator's own per-frame work goes to the fastest cores (the planner charges it there)
+        home = pin_coordinator(clusters)
         prep = prepare(cfg, progress=progress, clusters=clusters, with_preprocess=with_preprocess)
         print(plan_report(prep), flush=True)
         bind = args.bind or (cfg.server.bind if demo is None else f"ipc://{_tmp_socket()}")
         with running_service(prep, bind) as server:
             eprint(f"hetsched: serving on {server.endpoint} "
-                   f"({len(server.pipe.workers)} workers; Ctrl+C to stop)")
+                   f"({len(server.pipe.workers)} workers; coordinator on cores {list(home)}; Ctrl+C to stop)")
             result: dict = {}
             if demo is not None:
                 th = threading.Thread(target=demo, args=(server.endpoint, prep, result, stop), daemon=True)

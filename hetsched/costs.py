@@ -105,6 +105,25 @@ def cost_table_from_measurements(layer_names: Sequence[str], boundary_bytes: Seq
     )
 
 
+# The coordinator (client socket, routing, top-k) runs pinned to the fastest cluster and costs CPU
+# there for every frame: measured with a raw 600 KB SqueezeNet input at ~0.9 ms per frame
+# (main thread ~0.6 ms, ZeroMQ I/O threads ~0.3 ms), see README "Where the time goes".
+COORDINATOR_MS_PER_FRAME = 0.35
+COORDINATOR_MS_PER_MIB = 0.9
+
+
+def coordinator_ms(input_bytes: int) -> float:
+    return COORDINATOR_MS_PER_FRAME + COORDINATOR_MS_PER_MIB * input_bytes / (1 << 20)
+
+
+def with_coordinator_overhead(costs: CostTable, cluster: str, n_cores: int, ms: float) -> CostTable:
+    """Charge the coordinator's per-frame CPU to the stages sharing its cores (spread over the
+    cluster's cores: a stage on k of n cores pays about k/n of it; exact for one-core clusters)."""
+    ov = dict(costs.stage_overhead_ms)
+    ov[cluster] = ov.get(cluster, 0.0) + ms / max(1, n_cores)
+    return CostTable(costs.layer_names, costs.layer_ms, costs.boundary_bytes, ov)
+
+
 PREPROCESS_LAYER = "preprocess"
 TYPICAL_ENCODED_BYTES = 64 * 1024
 DEFAULT_PREPROCESS_MS = 2.5  # FLOP-fallback guess for decoding + resizing one camera frame on a big core

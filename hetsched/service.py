@@ -16,8 +16,9 @@ import onnx
 from hetsched.config import Config, resolve_clusters
 import dataclasses
 
-from hetsched.costs import (DEFAULT_PREPROCESS_MS, ClusterMeasurement, cost_table_from_measurements,
-                            flop_cost_table, flop_sanity, with_preprocess_layer)
+from hetsched.costs import (DEFAULT_PREPROCESS_MS, TYPICAL_ENCODED_BYTES, ClusterMeasurement,
+                            coordinator_ms, cost_table_from_measurements, flop_cost_table, flop_sanity,
+                            with_coordinator_overhead, with_preprocess_layer)
 from hetsched.graph import ModelGraph, analyze, load_model
 from hetsched.planner import ClusterSpec, CostTable, Plan, TransferModel, plan_pipeline
 from hetsched.topology import Cluster, Topology, detect_topology
@@ -40,6 +41,7 @@ class Prepared:
     transfer: TransferModel
     warnings: list[str] = field(default_factory=list)
     with_preprocess: bool = False  # layer 0 of the plan is image preprocessing
+    coordinator_cores: tuple[int, ...] = ()  # where the coordinator process runs (pinned)
 
     def cluster_specs(self) -> list[ClusterSpec]:
         return [ClusterSpec(c.name, c.cores) for c in self.clusters]
@@ -128,32 +130,59 @@ def prepare(cfg: Config, *, progress: Progress | None = None, sysfs_root: str = 
         if with_preprocess:
             costs = with_preprocess_layer(costs, {c.name: DEFAULT_PREPROCESS_MS / (c.emulated_speed or c.speed)
                                                   for c in clusters})
+    home = coordinator_cluster(clusters)
+    in_bytes = TYPICAL_ENCODED_BYTES if with_preprocess else bbytes[0]
+    costs = with_coordinator_overhead(costs, home.name, len(home.cores), coordinator_ms(in_bytes))
     transfer = TransferModel()
     p = cfg.planner
     plan = plan_pipeline(costs, [ClusterSpec(c.name, c.cores) for c in clusters], transfer,
                          max_stages=p.max_stages, tie_tolerance=p.tie_tolerance, allow_replicas=p.allow_replicas,
                          forced_cuts=p.forced_cuts)
     return Prepared(cfg, topo, list(clusters), model, graph, measurements, costs, plan, transfer, warnings,
-                    with_preprocess)
+                    with_preprocess, tuple(home.cores))
+
+
+def coordinator_cluster(clusters: Sequence[Cluster]) -> Cluster:
+    """The fastest cluster (emulated speed counts): the coordinator is pinned there."""
+    return max(clusters, key=lambda c: (c.emulated_speed or c.speed, -clusters.index(c)))
+
+
+def pin_coordinator(clusters: Sequence[Cluster]) -> tuple[int, ...]:
+    """Pin the calling thread (call it before any other thread starts) to the fastest cluster."""
+    import os
+    cores = tuple(coordinator_cluster(clusters).cores)
+    os.sched_setaffinity(0, cores)
+    return cores
 
 
 @contextlib.contextmanager
 def running_service(prep: Prepared, bind: str | None = None, *, with_preprocess: bool = True,
                     max_inflight: int | None = None):
-    """Start the pipeline's workers and the client socket; stop both on exit (workers reaped)."""
+    """Start the pipeline's workers and the client socket; stop both on exit (workers reaped).
+
+    The config's ``security`` (CURVE keys, bind policy) and ``limits`` apply to the client socket;
+    the image limits also to the decoding stage. A bind that the security policy refuses fails
+    before any worker starts."""
     from hetsched.coordinator import Pipeline
     from hetsched.preprocess import ImageLimits
-    from hetsched.server import Server, ServerLimits
+    from hetsched.security import SecuritySettings, check_bind
+    from hetsched.server import Server, ServerLimits, check_limits
 
     cfg = prep.config
+    bind = bind or cfg.server.bind
+    security = SecuritySettings.from_config(cfg.security)
+    check_bind(bind, security, "server.bind")
+    limits = ServerLimits(max_pending=cfg.server.max_pending, **cfg.limits.server_overrides())
+    image_limits = ImageLimits(**cfg.limits.image_overrides())
+    check_limits(limits, image_limits, prep.graph.inputs[0])
     pipe = Pipeline(prep.model, prep.graph, prep.plan, transport=cfg.transport.kind, host=cfg.transport.host,
                     hwm=cfg.transport.hwm, max_inflight=max_inflight or cfg.server.max_inflight,
-                    preprocess=cfg.input if prep.with_preprocess else None, image_limits=ImageLimits())
+                    preprocess=cfg.input if prep.with_preprocess else None, image_limits=image_limits)
     server = None
     try:
         pipe.start()
-        server = Server(pipe, bind or cfg.server.bind, labels_path=cfg.input.labels, top_k=cfg.input.top_k,
-                        limits=ServerLimits(max_pending=cfg.server.max_pending))
+        server = Server(pipe, bind, labels_path=cfg.input.labels, top_k=cfg.input.top_k,
+                        limits=limits, image_limits=image_limits, security=security)
         yield server
     finally:
         if server is not None:
