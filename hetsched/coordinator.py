@@ -35,7 +35,8 @@ from hetsched.graph import ModelGraph, TensorInfo, extract_stage, passthrough_na
 from hetsched.planner import Plan
 from hetsched.process_setup import keep_large_buffers
 from hetsched.supervisor import Supervisor
-from hetsched.stage_protocol import Hop, control, decode_header, encode_header, parse_control, views
+from hetsched.stage_protocol import (KIND_DATA, KIND_SHM, Hop, control, decode_header, encode_header,
+                                     encode_header_desc, parse_control, views)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class _InFlight:
     frames: list[Any]
     t_submit: float
     tag: Any
+    tensors: list = field(default_factory=list)  # header descriptors (dtype, shape) to resend it
+    kind: int = KIND_DATA
 
 
 @dataclass
@@ -330,7 +333,20 @@ class Pipeline:
         t = time.monotonic()
         header = encode_header(fid, t, arrays)
         self._send_feed([header, *arrays])
-        self.inflight[fid] = _InFlight(list(arrays), t, tag)
+        self.inflight[fid] = _InFlight(list(arrays), t, tag, [(a.dtype.name, a.shape) for a in arrays])
+        return fid
+
+    def submit_shm(self, ref: dict, dtype: str, shape: tuple[int, ...], tag: Any = None) -> int:
+        """Send a reference to an input in a shared-memory slot (``hetsched.shm``); stage 0 reads it there."""
+        if [(dtype, tuple(shape))] != self._in_expected:
+            raise ShapeMismatch(f"input {dtype}{list(shape)}, model expects {self._in_expected}")
+        fid = self._next_id
+        self._next_id += 1
+        t = time.monotonic()
+        payload = control("SHM", **ref)
+        desc = [(dtype, tuple(shape))]
+        self._send_feed([encode_header_desc(fid, t, desc, kind=KIND_SHM), payload])
+        self.inflight[fid] = _InFlight([payload], t, tag, desc, KIND_SHM)
         return fid
 
     def submit_encoded(self, data: bytes | Any, tag: Any = None) -> int:
@@ -343,7 +359,7 @@ class Pipeline:
         self._next_id += 1
         t = time.monotonic()
         self._send_feed([encode_header(fid, t, [arr]), data])
-        self.inflight[fid] = _InFlight([data], t, tag)
+        self.inflight[fid] = _InFlight([data], t, tag, [("uint8", arr.shape)])
         return fid
 
     def _send_feed(self, parts: list) -> None:
@@ -364,9 +380,8 @@ class Pipeline:
         self._outq.clear()
         for fid in sorted(self.inflight):
             entry = self.inflight[fid]
-            arrays = [np.frombuffer(f.buffer if hasattr(f, "buffer") else f, dtype=np.uint8)
-                      if not isinstance(f, np.ndarray) else f for f in entry.frames]
-            self._outq.append([encode_header(fid, entry.t_submit, arrays), *entry.frames])
+            header = encode_header_desc(fid, entry.t_submit, entry.tensors, kind=entry.kind)
+            self._outq.append([header, *entry.frames])
         self.replayed += len(self.inflight)
         self._flush_feed()
 

@@ -34,6 +34,7 @@ MAGIC = b"HS"
 VERSION = 1
 KIND_DATA = 1
 KIND_ERROR = 2
+KIND_SHM = 3  # the one payload frame is a JSON reference to a shared-memory slot (see hetsched/shm.py)
 
 _FIXED = struct.Struct("<2sBBBBHQd")
 _HOP = struct.Struct("<BBHddd")
@@ -64,13 +65,18 @@ class Header:
 
 def encode_header(frame_id: int, t_submit: float, arrays: Sequence[np.ndarray],
                   hops: Sequence[Hop] = (), kind: int = KIND_DATA) -> bytes:
-    parts = [_FIXED.pack(MAGIC, VERSION, kind, len(arrays), len(hops), 0, frame_id, t_submit)]
-    for a in arrays:
-        code = DTYPE_CODES.get(a.dtype.name)
+    return encode_header_desc(frame_id, t_submit, [(a.dtype.name, a.shape) for a in arrays], hops, kind)
+
+
+def encode_header_desc(frame_id: int, t_submit: float, tensors: Sequence[tuple[str, tuple[int, ...]]],
+                       hops: Sequence[Hop] = (), kind: int = KIND_DATA) -> bytes:
+    parts = [_FIXED.pack(MAGIC, VERSION, kind, len(tensors), len(hops), 0, frame_id, t_submit)]
+    for dtype, shape in tensors:
+        code = DTYPE_CODES.get(dtype)
         if code is None:
-            raise ProtocolError("BAD_DTYPE", f"dtype {a.dtype} cannot be sent")
-        parts.append(_TDESC.pack(code, a.ndim))
-        parts.append(struct.pack(f"<{a.ndim}I", *a.shape))
+            raise ProtocolError("BAD_DTYPE", f"dtype {dtype} cannot be sent")
+        parts.append(_TDESC.pack(code, len(shape)))
+        parts.append(struct.pack(f"<{len(shape)}I", *shape))
     for h in hops:
         parts.append(_HOP.pack(h.stage, h.replica, 0, h.t_recv, h.t_start, h.t_end))
     return b"".join(parts)

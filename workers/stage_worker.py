@@ -39,7 +39,8 @@ def main(spec: dict) -> int:
     import zmq
 
     from hetsched.errors import ShapeMismatch
-    from hetsched.stage_protocol import Hop, control, decode_header, encode_header, parse_control, views
+    from hetsched.shm import RegionCache
+    from hetsched.stage_protocol import KIND_SHM, Hop, control, decode_header, encode_header, parse_control, views
 
     ctx = zmq.Context(io_threads=1)
     ctl = ctx.socket(zmq.DEALER)
@@ -111,6 +112,7 @@ def main(spec: dict) -> int:
             out.connect(ep)
         ctl.send(control("RUNNING", stage=spec["stage"], replica=spec["replica"]))
 
+        shm_cache = RegionCache()
         poller = zmq.Poller()
         poller.register(inp, zmq.POLLIN)
         poller.register(ctl, zmq.POLLIN)
@@ -143,7 +145,13 @@ def main(spec: dict) -> int:
                 try:
                     hdr = decode_header(parts[0].buffer)
                     t_start = monotonic()
-                    if prep is not None and hdr.tensors and hdr.tensors[0][0] == "uint8" \
+                    if hdr.kind == KIND_SHM:  # the input sits in a client's shared-memory slot
+                        ref = parse_control(parts[1].bytes)
+                        arrays = [shm_cache.view(ref["name"], ref["slots"], ref["slot_bytes"], ref["slot"],
+                                                 *hdr.tensors[0])]
+                        if [(a.dtype.name, a.shape) for a in arrays] != expected_in:
+                            raise ShapeMismatch(f"shared-memory input {hdr.tensors}, expected {expected_in}")
+                    elif prep is not None and hdr.tensors and hdr.tensors[0][0] == "uint8" \
                             and len(hdr.tensors[0][1]) == 1:
                         arrays = [prep(parts[1].buffer)]
                         if [(a.dtype.name, a.shape) for a in arrays] != expected_in:
