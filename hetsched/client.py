@@ -5,10 +5,17 @@
         c.submit(np_array_float32, stream="cam0")          # raw tensor of the model's input shape
         for reply in c.replies(expect=2):
             print(reply["seq"], reply["top_k"][0])
+
+A service with CURVE keys (docs/security.md) needs the server's public key and this client's
+secret key file:
+
+    Client("tcp://10.0.0.5:5555", server_public_key="keys/server.key",
+           client_secret_key_file="keys/client.key_secret")
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from typing import Any, Iterator
@@ -18,23 +25,44 @@ import zmq
 
 from hetsched import client_protocol as cp
 from hetsched.errors import HetschedError
+from hetsched.security import SecuritySettings, apply_client
+
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 class Client:
     def __init__(self, endpoint: str, *, timeout: float = 30.0, context: zmq.Context | None = None,
-                 identity: bytes | None = None):
+                 identity: bytes | None = None, security: SecuritySettings | None = None,
+                 server_public_key: str | None = None, client_secret_key_file: str | None = None):
+        """``server_public_key`` (the server's ``server.key`` file or its Z85 key) and
+        ``client_secret_key_file`` (this client's ``NAME.key_secret``) make the connection CURVE;
+        so does a ``security`` with both set. Raises ConfigError for bad or missing key files."""
+        if server_public_key is not None or client_secret_key_file is not None:
+            security = dataclasses.replace(security or SecuritySettings(),
+                                           server_public_key=server_public_key,
+                                           client_secret_key=client_secret_key_file)
         self._own_ctx = context is None
         self._ctx = context or zmq.Context()
-        self.sock = self._ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 1000)
-        self.sock.setsockopt(zmq.RCVHWM, 1000)
-        if identity:
-            self.sock.setsockopt(zmq.IDENTITY, identity)
-        self.sock.connect(endpoint)
+        self.sock = self._mon = None
+        try:
+            self.sock = self._ctx.socket(zmq.DEALER)
+            self.sock.setsockopt(zmq.LINGER, 0)
+            self.sock.setsockopt(zmq.SNDHWM, 1000)
+            self.sock.setsockopt(zmq.RCVHWM, 1000)
+            if identity:
+                self.sock.setsockopt(zmq.IDENTITY, identity)
+            self.curve = apply_client(self.sock, security)
+            # failed handshakes explain a silent server (refused key, missing keys, wrong server key)
+            self._mon = self.sock.get_monitor_socket(_HANDSHAKE_FAILED)
+            self.sock.connect(endpoint)
+        except BaseException:
+            self.close()
+            raise
         self.endpoint, self.timeout = endpoint, timeout
         self._seqs: dict[str, itertools.count] = {}
         self._side: list[dict] = []  # non-frame replies seen while waiting for frame replies
+        self._handshake_error: str | None = None
 
     def __enter__(self) -> "Client":
         return self
@@ -43,9 +71,48 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self.sock.close(linger=0)
+        if self._mon is not None:
+            try:
+                self.sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._mon.close(linger=0)
+            self._mon = None
+        if self.sock is not None:
+            self.sock.close(linger=0)
         if self._own_ctx:
             self._ctx.term()
+            self._own_ctx = False
+
+    def handshake_error(self) -> str | None:
+        """Why the server refused this connection's security handshake, if it did (else None)."""
+        from zmq.utils.monitor import recv_monitor_message
+        while self._mon is not None:
+            try:
+                ev = recv_monitor_message(self._mon, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            event, value = int(ev["event"]), int(ev["value"])
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._handshake_error = (f"the server refused this client's CURVE key (ZAP status {value}): "
+                                         "its public key is not in the server's authorized_clients")
+            elif event & _HANDSHAKE_FAILED:
+                if value == getattr(zmq, "PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH", None):
+                    self._handshake_error = ("security mismatch: the server requires CURVE keys (give "
+                                             "--server-key and --client-key)" if not self.curve else
+                                             "security mismatch: this client uses CURVE, the server does not")
+                elif value == getattr(zmq, "PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC", None) or (
+                        self.curve and event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                    # the server cannot decrypt our HELLO and drops the connection
+                    self._handshake_error = ("the server dropped the CURVE handshake: the server public key "
+                                             "given (--server-key) is probably not this server's")
+                else:
+                    self._handshake_error = f"security handshake failed (code {value:#x})"
+        return self._handshake_error
+
+    def _no_reply(self, what: str) -> HetschedError:
+        why = self.handshake_error()
+        return HetschedError(f"{what} from {self.endpoint}" + (f": {why}" if why else ""))
 
     # ------------------------------------------------------------------ requests
     def submit(self, data: np.ndarray | bytes | memoryview, stream: str = "default", seq: int | None = None,
@@ -76,7 +143,7 @@ class Client:
         while True:
             rep = self.recv(max(0.0, deadline - time.monotonic()))
             if rep is None:
-                raise HetschedError(f"no {reply_type} reply from {self.endpoint} within {self.timeout:.0f} s")
+                raise self._no_reply(f"no {reply_type} reply within {self.timeout:.0f} s")
             if rep.get("type") == reply_type:
                 return rep
             self._side.append(rep)
@@ -116,7 +183,7 @@ class Client:
             while got < expect:
                 rep = self.recv(timeout)
                 if rep is None:
-                    raise HetschedError(f"timed out waiting for reply {got + 1} of {expect}")
+                    raise self._no_reply(f"timed out waiting for reply {got + 1} of {expect}")
                 if rep.get("type") in ("result", "error"):
                     got += 1
                     yield rep

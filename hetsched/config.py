@@ -12,6 +12,12 @@ Schema (every key optional; see configs/*.yaml for commented examples)::
     server: {bind: tcp://127.0.0.1:5555, max_inflight: null, max_pending: 64}
     emulation: {period_ms: null}
     input: {size: 224, resize: 256, mean: [...], std: [...], channel_order: RGB, layout: NCHW, labels: null, top_k: 5}
+    security: {server_secret_key: null, authorized_clients: null, insecure: false}   # docs/security.md
+    limits: {max_message_bytes: 33554432, max_tensor_elements: 16777216, max_streams_per_client: 64,
+             max_inflight_per_client: 256, max_encoded_bytes: 16777216, max_pixels: 40000000,
+             max_side: 16384}                                                       # docs/protocol.md 8
+
+The file is read with ``yaml.safe_load``: tags such as ``!!python/object`` are refused.
 """
 
 from __future__ import annotations
@@ -81,6 +87,36 @@ class InputConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """CURVE keys of the client socket (paths made absolute, relative to the config file)."""
+    server_secret_key: str | None = None   # server.key_secret from ``hetsched keys generate``
+    authorized_clients: str | None = None  # a directory of client public *.key files
+    insecure: bool = False                 # allow a non-loopback bind without keys (logged loudly)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Limits on what a peer controls. None keeps the default of ``hetsched.server.ServerLimits``
+    or ``hetsched.preprocess.ImageLimits`` (listed in docs/protocol.md, section 8)."""
+    max_message_bytes: int | None = None
+    max_tensor_elements: int | None = None
+    max_streams_per_client: int | None = None
+    max_inflight_per_client: int | None = None
+    max_encoded_bytes: int | None = None
+    max_pixels: int | None = None
+    max_side: int | None = None
+
+    SERVER_KEYS = ("max_message_bytes", "max_tensor_elements", "max_streams_per_client", "max_inflight_per_client")
+    IMAGE_KEYS = ("max_encoded_bytes", "max_pixels", "max_side")
+
+    def server_overrides(self) -> dict:
+        return {k: getattr(self, k) for k in self.SERVER_KEYS if getattr(self, k) is not None}
+
+    def image_overrides(self) -> dict:
+        return {k: getattr(self, k) for k in self.IMAGE_KEYS if getattr(self, k) is not None}
+
+
+@dataclass(frozen=True)
 class Config:
     model: str = "builtin:squeezenet1.1"
     clusters: tuple[ClusterConfig, ...] | None = None  # None = auto
@@ -91,6 +127,8 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     input: InputConfig = field(default_factory=InputConfig)
     emulation_period_ms: float | None = None
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     path: str | None = None
 
     def with_overrides(self, **kw: Any) -> "Config":
@@ -219,7 +257,8 @@ def parse_config(raw: Any, path: str | None = None) -> Config:
     if raw is None:
         raw = {}
     _expect(raw, dict, "<top level>", "a mapping")
-    known = {"model", "clusters", "emulate_big_little", "planner", "profile", "transport", "server", "input", "emulation"}
+    known = {"model", "clusters", "emulate_big_little", "planner", "profile", "transport", "server", "input", "emulation",
+             "security", "limits"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
@@ -257,8 +296,42 @@ def parse_config(raw: Any, path: str | None = None) -> Config:
     period = emu.get("period_ms")
     if period is not None:
         period = _float(0.1, 100.0)(period, "emulation.period_ms")
+    security = _security(raw, path)
+    limits = _section(raw, "limits", LimitsConfig, {
+        "max_message_bytes": _opt_int(64 * 1024), "max_tensor_elements": _opt_int(1),
+        "max_streams_per_client": _opt_int(1), "max_inflight_per_client": _opt_int(1),
+        "max_encoded_bytes": _opt_int(1024), "max_pixels": _opt_int(64), "max_side": _opt_int(8)})
     return Config(model=model, clusters=clusters, little_speed=little, planner=planner, profile=profile,
-                  transport=transport, server=server, input=inp, emulation_period_ms=period, path=path)
+                  transport=transport, server=server, input=inp, emulation_period_ms=period,
+                  security=security, limits=limits, path=path)
+
+
+def _security(raw: Mapping, path: str | None) -> SecurityConfig:
+    sec = _section(raw, "security", SecurityConfig, {
+        "server_secret_key": _opt_str, "authorized_clients": _opt_str, "insecure": _bool})
+    base = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
+
+    def absolute(p: str | None) -> str | None:
+        if p is None:
+            return None
+        p = os.path.expanduser(p)
+        return os.path.normpath(p if os.path.isabs(p) else os.path.join(base, p))
+
+    key, allowed = absolute(sec.server_secret_key), absolute(sec.authorized_clients)
+    if key is not None and allowed is None:
+        raise ConfigError("security.authorized_clients: missing (a directory of client public *.key files; "
+                          "needed with security.server_secret_key)")
+    if allowed is not None and key is None:
+        raise ConfigError("security.server_secret_key: missing (the server's .key_secret file; needed with "
+                          "security.authorized_clients)")
+    if key is not None:
+        if not os.path.isfile(key):
+            raise ConfigError(f"security.server_secret_key: file not found: {key}")
+        if not os.path.isdir(allowed):
+            raise ConfigError(f"security.authorized_clients: not a directory: {allowed}")
+        if sec.insecure:
+            raise ConfigError("security.insecure: must be false when keys are configured")
+    return SecurityConfig(key, allowed, sec.insecure)
 
 
 def load_config(path: str) -> Config:

@@ -22,7 +22,7 @@ from hetsched import client_protocol as cp
 from hetsched.coordinator import FrameResult, Pipeline
 from hetsched.errors import ConfigError, ProtocolError
 from hetsched.preprocess import ImageLimits, load_labels, sniff_format, top_k
-from hetsched.security import SecuritySettings, ServerAuth, check_bind
+from hetsched.security import SecuritySettings, ServerAuth, check_bind, uses_curve
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,9 @@ class Server:
     def __init__(self, pipeline: Pipeline, bind: str, *, labels_path: str | None = None, top_k: int = 5,
                  limits: ServerLimits | None = None, image_limits: ImageLimits | None = None,
                  context: zmq.Context | None = None, security: SecuritySettings | None = None):
-        """``security``: CURVE keys for the client socket (docs/security.md). Without server keys
-        only a loopback, ipc:// or inproc:// ``bind`` is accepted (unless ``security.insecure``)."""
+        """``security``: CURVE keys for the client socket (docs/security.md), used on tcp:// binds.
+        Without server keys only a loopback, ipc:// or inproc:// ``bind`` is accepted (unless
+        ``security.insecure``)."""
         self.pipe = pipeline
         self.limits = limits or ServerLimits()
         self.image_limits = image_limits or ImageLimits()
@@ -109,12 +110,16 @@ class Server:
                               f"outputs {n_classes} classes")
         self.top_k = top_k
         self.auth: ServerAuth | None = None
+        curve = uses_curve(bind, self.security)
+        if self.security.server_enabled and not curve:
+            log.info("server.bind %s is local (ipc/inproc): CURVE keys are not used on it; file permissions "
+                     "protect it", bind)
         # A context holds one ZAP handler, so a secured server gets a context of its own.
-        self._own_ctx = context is None and self.security.server_enabled
+        self._own_ctx = context is None and curve
         self._ctx = context or (zmq.Context() if self._own_ctx else zmq.Context.instance())
         self.front = None
         try:
-            if self.security.server_enabled:
+            if curve:
                 self.auth = ServerAuth(self._ctx, self.security, "server.bind")
             self.front = self._ctx.socket(zmq.ROUTER)
             self.front.setsockopt(zmq.LINGER, 0)

@@ -171,7 +171,8 @@ def running_service(prep: Prepared, bind: str | None = None, *, with_preprocess:
     cfg = prep.config
     bind = bind or cfg.server.bind
     security = SecuritySettings.from_config(cfg.security)
-    check_bind(bind, security, "server.bind")
+    if not security.insecure:  # refuse before any worker starts (the insecure warning is the Server's)
+        check_bind(bind, security, "server.bind")
     limits = ServerLimits(max_pending=cfg.server.max_pending, **cfg.limits.server_overrides())
     image_limits = ImageLimits(**cfg.limits.image_overrides())
     check_limits(limits, image_limits, prep.graph.inputs[0])
