@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list:
     out = []
-    for mod in ("hetsched.feed", "hetsched.profile_cli", "hetsched.bench"):
+    for mod in ("hetsched.feed", "hetsched.profile_cli", "hetsched.bench", "hetsched.keys_cli"):
         try:
             m = __import__(mod, fromlist=["add_parser"])
         except ImportError:

@@ -34,6 +34,7 @@ from hetsched.errors import HetschedError, ProtocolError, ShapeMismatch, WorkerD
 from hetsched.graph import ModelGraph, TensorInfo, extract_stage, passthrough_names
 from hetsched.planner import Plan
 from hetsched.process_setup import keep_large_buffers
+from hetsched.security import LinkKeys, secure_link_client, secure_link_server, start_link_authenticator
 from hetsched.supervisor import Supervisor
 from hetsched.stage_protocol import (KIND_DATA, KIND_SHM, Hop, control, decode_header, encode_header,
                                      encode_header_desc, parse_control, views)
@@ -147,6 +148,8 @@ class Pipeline:
         self._out_expected = [(t.dtype, t.shape) for t in graph.outputs]
         self.frame_errors: deque = deque(maxlen=100)
         self._last_check = 0.0
+        self.link_keys: LinkKeys | None = None
+        self._link_auth = None
         self._outq: deque = deque()            # messages for stage 0 not yet accepted by zmq (never blocks)
         self._specs: dict[tuple[int, int], dict] = {}
         self._downstream: dict[tuple[int, int], list[str]] = {}
@@ -177,14 +180,19 @@ class Pipeline:
     def _start(self) -> None:
         keep_large_buffers()
         self._ctx = zmq.Context()
+        # over tcp:// every link (data and control) is CURVE-encrypted with keys made for this run only
+        self.link_keys = LinkKeys.generate() if self.transport == "tcp" else None
+        self._link_auth = start_link_authenticator(self._ctx, self.link_keys, "coordinator control/results")
         self._ctl = self._ctx.socket(zmq.ROUTER)
         self._ctl.setsockopt(zmq.LINGER, 0)
         self._ctl.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes over its identity
+        secure_link_server(self._ctl, self.link_keys)
         self._ctl.bind(self._endpoint("ctl"))
         ctl_ep = self._ctl.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._results = self._ctx.socket(zmq.PULL)
         self._results.setsockopt(zmq.RCVHWM, max(self.hwm, 2))
         self._results.setsockopt(zmq.LINGER, 0)
+        secure_link_server(self._results, self.link_keys)
         self._results.bind(self._endpoint("results"))
         results_ep = self._results.getsockopt(zmq.LAST_ENDPOINT).decode()
 
@@ -209,6 +217,7 @@ class Pipeline:
                     "parent_pid": os.getpid(), "stats_interval": self.stats_interval,
                     "spinning": self.spinning, "connect_timeout": self.start_timeout,
                     "log_level": logging.getLogger("hetsched").getEffectiveLevel(),
+                    "link_keys": self.link_keys.to_dict() if self.link_keys else None,
                 }
                 self.workers.append(WorkerHandle(stage.index, r, tuple(cores), stage.threads,
                                                  self._spawn((stage.index, r)), f"s{stage.index}r{r}".encode()))
@@ -234,6 +243,7 @@ class Pipeline:
         self._feed = self._ctx.socket(zmq.PUSH)
         self._feed.setsockopt(zmq.SNDHWM, self.hwm)
         self._feed.setsockopt(zmq.LINGER, 0)
+        secure_link_client(self._feed, self.link_keys)
         for ep in by_stage[0]:
             self._feed.connect(ep)
         self.t_started = time.monotonic()
@@ -599,6 +609,9 @@ class Pipeline:
             for sock in (self._feed, self._results, self._ctl):
                 if sock is not None:
                     sock.close(linger=0)
+            if self._link_auth is not None:
+                self._link_auth.stop()
+                self._link_auth = None
             if self._ctx is not None:
                 self._ctx.term()
             if self._own_run_dir:

@@ -167,8 +167,9 @@ def cmd_feed(args: argparse.Namespace) -> int:
     from hetsched.cli import StopFlag, eprint
     from hetsched.client import Client
 
+    from hetsched.keys_cli import client_key_options
     stop = StopFlag().install()
-    with Client(args.connect, timeout=args.timeout) as client:
+    with Client(args.connect, timeout=args.timeout, **client_key_options(args)) as client:
         hello = client.hello()
         if args.synthetic:
             inp = hello["input"]
@@ -231,4 +232,6 @@ def add_parser(sub, common) -> None:
     sp.add_argument("--json", action="store_true", help="one JSON line per result, then a summary line")
     sp.add_argument("--show", action="store_true", help="print each result's top-1")
     sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a reply")
+    from hetsched.keys_cli import add_client_key_arguments
+    add_client_key_arguments(sp)
     sp.set_defaults(func=cmd_feed)

@@ -25,14 +25,15 @@ def settled_stats(client, timeout: float = 3.0) -> dict:
 
 
 def drive_and_measure(endpoint: str, *, duration: float, fps: float | None, warmup: float, window: int,
-                      images: list[str] | None, stop, limit_fps: float | None, progress=None) -> dict:
+                      images: list[str] | None, stop, limit_fps: float | None, progress=None,
+                      server_key: str | None = None, client_key: str | None = None) -> dict:
     """Connect, warm up, snapshot, drive load for ``duration`` s, snapshot, fetch the trace; return
     {"report": ..., "trace": ...}."""
     from hetsched.client import Client
     from hetsched.feed import feed, file_frames, image_files, synthetic_frames
     from hetsched.profile_report import build_report
 
-    with Client(endpoint, timeout=30) as c:
+    with Client(endpoint, timeout=30, server_public_key=server_key, client_secret_key_file=client_key) as c:
         hello = c.hello()
         inp = hello["input"]
 
@@ -83,7 +84,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.connect:
         stop = StopFlag().install()
         result = drive_and_measure(args.connect, duration=args.duration, fps=args.fps, warmup=args.warmup,
-                                   window=args.window, images=images, stop=stop, limit_fps=None, progress=progress)
+                                   window=args.window, images=images, stop=stop, limit_fps=None, progress=progress,
+                                   server_key=args.server_key, client_key=args.client_key)
         print(format_report(result["report"]))
         for p in write_outputs(args.out, result, {"connect": args.connect}):
             print(f"wrote {p}")
@@ -116,8 +118,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     from hetsched.cli import StopFlag, eprint
     from hetsched.client import Client
     from hetsched.report import format_stage_table
+    from hetsched.keys_cli import client_key_options
     stop = StopFlag().install()
-    with Client(args.connect, timeout=args.timeout) as c:
+    with Client(args.connect, timeout=args.timeout, **client_key_options(args)) as c:
         if args.json:
             snap = c.stats()
             for s in snap["stages"]:
@@ -153,6 +156,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub, common) -> None:
+    from hetsched.keys_cli import add_client_key_arguments
     sp = sub.add_parser("profile", help="drive load and report stage balance, predicted vs measured")
     common(sp)
     sp.add_argument("--connect", help="attach to a running service instead of starting one")
@@ -165,6 +169,7 @@ def add_parser(sub, common) -> None:
     sp.add_argument("--bind", help="client socket (default: a private ipc:// socket)")
     sp.add_argument("--labels", help=argparse.SUPPRESS)
     sp.add_argument("--drain-timeout", type=float, default=10.0)
+    add_client_key_arguments(sp)
     sp.set_defaults(func=cmd_profile)
 
     sp = sub.add_parser("status", help="live view of a running service")
@@ -173,4 +178,5 @@ def add_parser(sub, common) -> None:
     sp.add_argument("--once", action="store_true", help="print one table and exit")
     sp.add_argument("--interval", type=float, default=1.0)
     sp.add_argument("--timeout", type=float, default=10.0)
+    add_client_key_arguments(sp)
     sp.set_defaults(func=cmd_status)

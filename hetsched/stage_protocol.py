@@ -124,10 +124,10 @@ def views(header: Header, frames: Sequence[Any], expected: Sequence[tuple[str, t
     out = []
     for (dtype, shape), frame in zip(header.tensors, frames):
         buf = frame.buffer if hasattr(frame, "buffer") else frame
-        arr = np.frombuffer(buf, dtype=dtype)
-        if arr.size != math.prod(shape):
-            raise ShapeMismatch(f"frame of {arr.nbytes} bytes does not hold {dtype}{list(shape)}")
-        out.append(arr.reshape(shape))
+        nbytes = memoryview(buf).nbytes
+        if nbytes != math.prod(shape) * np.dtype(dtype).itemsize:
+            raise ShapeMismatch(f"frame of {nbytes} bytes does not hold {dtype}{list(shape)}")
+        out.append(np.frombuffer(buf, dtype=dtype).reshape(shape))
     return out
 
 
@@ -138,7 +138,7 @@ def control(msg_type: str, **fields: Any) -> bytes:
 def parse_control(raw: bytes) -> dict:
     try:
         msg = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError("BAD_CONTROL", f"control message is not JSON: {exc}") from None
     if not isinstance(msg, dict) or "type" not in msg:
         raise ProtocolError("BAD_CONTROL", "control message without type")

@@ -172,3 +172,29 @@ def test_real_weights_top1_through_the_pipeline_with_preprocessing_stage():
         top1 = {ids[r.frame_id]: top_k(r.outputs[0], 1)[0]["index"] for r in results}
         assert top1["chelsea.jpg"] in (281, 282, 285), top1
         assert top1["coffee.jpg"] == 967, top1
+
+
+@pytest.mark.timeout(120)
+def test_tcp_transport_with_curve_links(squeezenet):
+    """Stages over tcp://127.0.0.1 (CURVE-encrypted with per-run keys) give the same outputs, and
+    a peer without the run's keys cannot inject frames into a stage."""
+    import zmq
+    model, g = squeezenet
+    plan = manual_plan(g, [((0,), 0, 10, 1, 1), ((1,), 11, 22, 1, 1)])
+    xs = inputs(g, 6)
+    want = reference(model, xs)
+    with Pipeline(model, g, plan, transport="tcp") as pipe:
+        assert pipe.link_keys is not None
+        assert all(w.endpoint.startswith("tcp://127.0.0.1:") for w in pipe.workers)
+        ctx = zmq.Context()
+        intruder = ctx.socket(zmq.PUSH)
+        intruder.setsockopt(zmq.LINGER, 0)
+        intruder.connect(pipe.workers[1].endpoint)
+        intruder.send_multipart([b"HS garbage", b"x" * 100], flags=zmq.NOBLOCK) if intruder.poll(200, zmq.POLLOUT) else None
+        got = list(pipe.run(xs))
+        intruder.close()
+        ctx.term()
+        assert all(w.process.is_alive() for w in pipe.workers)
+        assert pipe.supervisor.restarts == 0
+    for r, w in zip(got, want):
+        assert np.abs(r.outputs[0] - w).max() <= 1e-4

@@ -42,10 +42,15 @@ def main(spec: dict) -> int:
     from hetsched.shm import RegionCache
     from hetsched.stage_protocol import KIND_SHM, Hop, control, decode_header, encode_header, parse_control, views
 
+    from hetsched.security import LinkKeys, secure_link_client, secure_link_server, start_link_authenticator
+
     ctx = zmq.Context(io_threads=1)
+    link_keys = LinkKeys.from_dict(spec.get("link_keys"))
+    link_auth = start_link_authenticator(ctx, link_keys, f"stage {spec['stage']}.{spec['replica']} input")
     ctl = ctx.socket(zmq.DEALER)
     ctl.setsockopt(zmq.LINGER, 1000)
     ctl.setsockopt(zmq.IDENTITY, f"s{spec['stage']}r{spec['replica']}".encode())
+    secure_link_client(ctl, link_keys)
     ctl.connect(spec["ctl_endpoint"])
     inp = out = None
     try:
@@ -87,6 +92,7 @@ def main(spec: dict) -> int:
         inp = ctx.socket(zmq.PULL)
         inp.setsockopt(zmq.RCVHWM, spec["hwm"])
         inp.setsockopt(zmq.LINGER, 0)
+        secure_link_server(inp, link_keys)
         inp.bind(spec["bind"])
         endpoint = inp.getsockopt(zmq.LAST_ENDPOINT).decode()
 
@@ -108,6 +114,7 @@ def main(spec: dict) -> int:
         out = ctx.socket(zmq.PUSH)
         out.setsockopt(zmq.SNDHWM, spec["hwm"])
         out.setsockopt(zmq.LINGER, 2000)
+        secure_link_client(out, link_keys)
         for ep in downstream:
             out.connect(ep)
         ctl.send(control("RUNNING", stage=spec["stage"], replica=spec["replica"]))
@@ -214,6 +221,8 @@ def main(spec: dict) -> int:
         for sock in (inp, out, ctl):
             if sock is not None:
                 sock.close(linger=500)
+        if link_auth is not None:
+            link_auth.stop()
         ctx.term()
 
 
