@@ -61,6 +61,10 @@ class Client:
             raise
         self.endpoint, self.timeout = endpoint, timeout
         self._seqs: dict[str, itertools.count] = {}
+        self._region = None            # shared-memory input slots (enable_shm)
+        self._shm_id: int | None = None
+        self._free_slots: list[int] = []
+        self._slot_of: dict[tuple[str, int], int] = {}
         self._side: list[dict] = []  # non-frame replies seen while waiting for frame replies
         self._handshake_error: str | None = None
 
@@ -83,6 +87,9 @@ class Client:
         if self._own_ctx:
             self._ctx.term()
             self._own_ctx = False
+        if self._region is not None:
+            self._region.close()
+            self._region = None
 
     def handshake_error(self) -> str | None:
         """Why the server refused this connection's security handshake, if it did (else None)."""
@@ -115,6 +122,27 @@ class Client:
         return HetschedError(f"{what} from {self.endpoint}" + (f": {why}" if why else ""))
 
     # ------------------------------------------------------------------ requests
+    def enable_shm(self, slots: int = 16) -> bool:
+        """Use shared-memory input slots (services on ipc:// only): tensors are written into a
+        /dev/shm region the service maps, and only a small header crosses the socket. Returns
+        False (and keeps sending tensors over the socket) when the service does not offer it."""
+        from hetsched.shm import create_region
+        inp = self.hello()["input"]
+        nbytes = int(np.prod(inp["shape"])) * np.dtype(inp["dtype"]).itemsize
+        region = create_region(slots, nbytes)
+        try:
+            rep = self._request({"type": "shm_register", "name": region.name, "slots": slots,
+                                 "slot_bytes": nbytes}, "shm_registered", errors_ok=True)
+        except HetschedError:
+            region.close()
+            raise
+        if rep.get("type") != "shm_registered":
+            region.close()
+            return False
+        self._region, self._shm_id = region, rep["shm"]
+        self._free_slots = list(range(slots))
+        return True
+
     def submit(self, data: np.ndarray | bytes | memoryview, stream: str = "default", seq: int | None = None,
                encoding: str | None = None, want_outputs: bool = False) -> int:
         """Send one frame: a numpy tensor (raw) or encoded JPEG/PNG bytes. Returns its seq."""
@@ -123,6 +151,13 @@ class Client:
         head: dict = {"type": "submit", "stream": stream, "seq": seq}
         if want_outputs:
             head["outputs"] = True
+        if isinstance(data, np.ndarray) and self._free_slots and data.nbytes <= self._region.slot_bytes:
+            slot = self._free_slots.pop()
+            np.copyto(self._region.view(slot, data.dtype.name, data.shape), data)
+            self._slot_of[(stream, seq)] = slot
+            head.update(encoding="shm", shm=self._shm_id, slot=slot, dtype=data.dtype.name, shape=list(data.shape))
+            self.sock.send_multipart([cp.encode(head)])
+            return seq
         if isinstance(data, np.ndarray):
             arr = np.ascontiguousarray(data)
             head.update(encoding="raw", dtype=arr.dtype.name, shape=list(arr.shape))
@@ -137,14 +172,14 @@ class Client:
         """Send arbitrary frames (for tests of hostile input)."""
         self.sock.send_multipart(parts)
 
-    def _request(self, msg: dict, reply_type: str) -> dict:
+    def _request(self, msg: dict, reply_type: str, errors_ok: bool = False) -> dict:
         self.sock.send_multipart([cp.encode(msg)])
         deadline = time.monotonic() + self.timeout
         while True:
             rep = self.recv(max(0.0, deadline - time.monotonic()))
             if rep is None:
                 raise self._no_reply(f"no {reply_type} reply within {self.timeout:.0f} s")
-            if rep.get("type") == reply_type:
+            if rep.get("type") == reply_type or (errors_ok and rep.get("type") == "error" and "seq" not in rep):
                 return rep
             self._side.append(rep)
 
@@ -170,6 +205,10 @@ class Client:
             return None
         parts = self.sock.recv_multipart(copy=False)
         msg = cp.json.loads(parts[0].bytes)
+        if self._slot_of and msg.get("type") in ("result", "error"):  # its shared-memory slot is free again
+            slot = self._slot_of.pop((msg.get("stream"), msg.get("seq")), None)
+            if slot is not None:
+                self._free_slots.append(slot)
         if msg.get("type") == "result" and "outputs" in msg:
             msg["arrays"] = [np.frombuffer(f.buffer, dtype=o["dtype"]).reshape(o["shape"])
                              for o, f in zip(msg["outputs"], parts[1:])]

@@ -22,9 +22,9 @@ from hetsched.errors import ProtocolError
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 16 * 1024
 MAX_STREAM_NAME = 128
-ENCODINGS = ("jpeg", "png", "image", "raw")
+ENCODINGS = ("jpeg", "png", "image", "raw", "shm")
 DTYPES = ("float32", "float16", "float64", "uint8", "int8", "int32", "int64")
-CLIENT_TYPES = ("submit", "hello", "stats", "query", "trace")
+CLIENT_TYPES = ("submit", "hello", "stats", "query", "trace", "shm_register")
 MAX_TRACE_FRAMES = 5000
 
 # Error codes (see docs/protocol.md for what each means and whether a retry can help).
@@ -40,6 +40,7 @@ ERROR_CODES = {
     "BAD_DTYPE": "raw tensor dtype not accepted",
     "SHAPE_MISMATCH": "raw tensor shape or size differs from the model input",
     "NO_PREPROCESS": "this service takes raw tensors only",
+    "BAD_SHM": "shared-memory region or slot not usable (not registered, wrong size, not over ipc://)",
     "BUSY": "the service is full: the frame was NOT accepted; resend later",
     "LIMIT": "a per-client limit (streams, frames in flight) was reached; the frame was NOT accepted",
     "STAGE_FAILED": "a pipeline stage failed on this frame",
@@ -56,6 +57,15 @@ class Submit:
     dtype: str | None = None
     shape: tuple[int, ...] | None = None
     want_outputs: bool = False
+    shm: int | None = None    # encoding "shm": registered region id and slot
+    slot: int | None = None
+
+
+def _small_int(msg: dict, key: str, hi: int) -> int:
+    v = msg.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < hi:
+        raise ProtocolError("BAD_HEADER", f"{key} must be an integer in 0..{hi - 1}")
+    return v
 
 
 def encode(msg: dict) -> bytes:
@@ -94,10 +104,14 @@ def parse_submit(msg: dict, n_payload: int) -> Submit:
     enc = msg.get("encoding", "image")
     if enc not in ENCODINGS:
         raise ProtocolError("BAD_HEADER", f"encoding must be one of {', '.join(ENCODINGS)}")
-    if n_payload != 1:
-        raise ProtocolError("BAD_FRAMES", f"submit carries exactly 1 payload frame, got {n_payload}")
-    dtype = shape = None
-    if enc == "raw":
+    want = 0 if enc == "shm" else 1
+    if n_payload != want:
+        raise ProtocolError("BAD_FRAMES", f"submit with encoding {enc} carries exactly {want} payload frame(s), "
+                                          f"got {n_payload}")
+    dtype = shape = shm = slot = None
+    if enc == "shm":
+        shm, slot = _small_int(msg, "shm", 1 << 31), _small_int(msg, "slot", 1 << 31)
+    if enc in ("raw", "shm"):
         dtype = msg.get("dtype")
         if dtype not in DTYPES:
             raise ProtocolError("BAD_DTYPE", f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -106,7 +120,7 @@ def parse_submit(msg: dict, n_payload: int) -> Submit:
                 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1 << 20 for d in shape)):
             raise ProtocolError("SHAPE_MISMATCH", "shape must be a list of 1..8 positive integers")
         shape = tuple(shape)
-    return Submit(stream, seq, enc, dtype, shape, bool(msg.get("outputs", False)))
+    return Submit(stream, seq, enc, dtype, shape, bool(msg.get("outputs", False)), shm, slot)
 
 
 def raw_tensor(sub: Submit, payload: Any, expected: tuple[str, tuple[int, ...]], max_elements: int) -> np.ndarray:

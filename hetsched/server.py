@@ -57,6 +57,7 @@ class _Client:
     frames: int = 0
     last_seen: float = 0.0
     delivered: dict[str, int] = field(default_factory=dict)  # stream -> last seq replied
+    regions: dict[int, Any] = field(default_factory=dict)    # shared-memory input regions (hetsched.shm)
 
 
 @dataclass
@@ -195,6 +196,9 @@ class Server:
             time.sleep(0.005)
 
     def close(self) -> None:
+        for c in self.clients.values():
+            for region in c.regions.values():
+                region.close()
         if self.auth is not None:
             self.counters["auth_rejected"] = self.auth.rejected
             self.auth.close()  # monitors first (they watch the socket), then the ZAP thread
@@ -240,9 +244,12 @@ class Server:
                 limit = msg.get("limit", 1000)
                 limit = limit if isinstance(limit, int) and 0 < limit <= cp.MAX_TRACE_FRAMES else 1000
                 self._reply_now(client, [cp.encode({"type": "trace", **self.trace(limit)})])
+            elif t == "shm_register":
+                self._reply_now(client, [cp.encode({"type": "shm_registered", **self._register_shm(client, msg)})])
             else:
                 stream, seq = msg.get("stream"), msg.get("seq")
-                self._on_submit(client, cp.parse_submit(msg, len(parts) - 2), parts[2])
+                sub = cp.parse_submit(msg, len(parts) - 2)
+                self._on_submit(client, sub, parts[2] if len(parts) > 2 else None)
         except ProtocolError as exc:
             self.counters["rejected" if exc.code not in ("BUSY", "LIMIT") else "busy"] += 1
             self._reply_now(client, cp.error_message(exc.code, exc.detail,
@@ -262,6 +269,16 @@ class Server:
         if sub.encoding == "raw":
             data = cp.raw_tensor(sub, payload, self._in_expected, self.limits.max_tensor_elements)
             kind = "raw"
+        elif sub.encoding == "shm":
+            region = client.regions.get(sub.shm)
+            if region is None:
+                raise ProtocolError("BAD_SHM", f"no shared-memory region {sub.shm} registered on this connection")
+            if (sub.dtype, sub.shape) != self._in_expected:
+                raise ProtocolError("SHAPE_MISMATCH", f"got {sub.dtype}{list(sub.shape)}, model input is "
+                                                      f"{self._in_expected[0]}{list(self._in_expected[1])}")
+            region.view(sub.slot, sub.dtype, sub.shape)  # checks the slot and its size
+            data = {"name": region.name, "slots": region.slots, "slot_bytes": region.slot_bytes, "slot": sub.slot}
+            kind = "shm"
         else:
             if self.pipe.preprocess is None:
                 raise ProtocolError("NO_PREPROCESS", "this service was started for raw tensors only")
@@ -279,12 +296,30 @@ class Server:
         self.counters["accepted"] += 1
         self.pending.append(_Job(client, sub.stream, entry, kind, data, sub.want_outputs, time.monotonic()))
 
+    def _register_shm(self, client: _Client, msg: dict) -> dict:
+        """A local client's shared-memory input region (zero-copy input path, ipc:// only: a tcp peer
+        must not name another process's memory)."""
+        from hetsched.shm import attach_region
+        if not self.endpoint.startswith("ipc://"):
+            raise ProtocolError("BAD_SHM", "shared-memory input is only offered on ipc:// sockets")
+        if len(client.regions) >= 4:
+            raise ProtocolError("LIMIT", "at most 4 shared-memory regions per connection")
+        region = attach_region(msg.get("name"), msg.get("slots"), msg.get("slot_bytes"))
+        rid = max(client.regions, default=-1) + 1
+        client.regions[rid] = region
+        return {"shm": rid, "slots": region.slots, "slot_bytes": region.slot_bytes}
+
     # ------------------------------------------------------------------ pipeline
     def _pump(self) -> None:
         while self.pending and self.pipe.can_submit:
             job = self.pending.popleft()
             try:
-                fid = self.pipe.submit(job.data) if job.kind == "raw" else self.pipe.submit_encoded(job.data)
+                if job.kind == "raw":
+                    fid = self.pipe.submit(job.data)
+                elif job.kind == "shm":
+                    fid = self.pipe.submit_shm(job.data, *self._in_expected)
+                else:
+                    fid = self.pipe.submit_encoded(job.data)
             except ProtocolError as exc:
                 self._finish(job, cp.error_message(exc.code, exc.detail, job.stream, job.entry.seq))
                 continue
@@ -354,7 +389,8 @@ class Server:
             self._last_prune = now
             for ident in [i for i, c in self.clients.items() if c.inflight == 0 and not c.streams
                           and not c.outbox and now - c.last_seen > IDLE_CLIENT_S]:
-                del self.clients[ident]
+                for region in self.clients.pop(ident).regions.values():
+                    region.close()
 
     # ------------------------------------------------------------------ info
     def hello(self) -> dict:
