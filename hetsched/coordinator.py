@@ -412,12 +412,8 @@ class Pipeline:
         if self._ctl in events:
             self._drain_control(done)
         if self._results in events:
-            while True:
-                try:
-                    parts = self._results.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                res = self._on_result(parts)
+            while self._results.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                res = self._on_result(self._results.recv_multipart(copy=False))
                 if res is not None:
                     done.append(res)
         if self._outq:

@@ -21,7 +21,7 @@ import zmq
 from hetsched import client_protocol as cp
 from hetsched.coordinator import FrameResult, Pipeline
 from hetsched.errors import ConfigError, ProtocolError
-from hetsched.preprocess import ImageLimits, load_labels, sniff_format, top_k
+from hetsched.preprocess import ImageLimits, load_labels, looks_like_probabilities, sniff_format, top_k
 from hetsched.security import SecuritySettings, ServerAuth, check_bind, uses_curve
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ class Server:
             raise ConfigError(f"input.labels: {labels_path} has {len(self.labels)} labels, the model "
                               f"outputs {n_classes} classes")
         self.top_k = top_k
+        self._logits: bool | None = None
         self.auth: ServerAuth | None = None
         curve = uses_curve(bind, self.security)
         if self.security.server_enabled and not curve:
@@ -168,12 +169,10 @@ class Server:
         if self.auth is not None:
             self.counters["auth_rejected"] = self.auth.rejected
         if self.front in events:
-            for _ in range(256):
-                try:
-                    parts = self.front.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                except zmq.Again:
+            for _ in range(256):  # drain what is queued without raising zmq.Again at the end
+                if not self.front.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     break
-                self._on_client(parts)
+                self._on_client(self.front.recv_multipart(copy=False))
         for res in self.pipe.process(events):
             self._on_result(res)
         self._pump()
@@ -334,7 +333,7 @@ class Server:
             return
         self.traces.append((res.frame_id, res.t_submit, res.hops, res.t_done))
         out = res.outputs[0] if res.outputs else np.zeros(0)
-        top = top_k(out, self.top_k, self.labels) if out.size else []
+        top = self._top_k(out) if out.size else []
         stages, prev = [], res.t_submit
         for h in res.hops:
             stages.append({"stage": h.stage, "replica": h.replica, "queue_ms": round((h.t_recv - prev) * 1e3, 3),
@@ -344,6 +343,26 @@ class Server:
         reply = cp.result_message(job.stream, job.entry.seq, top, latency, stages,
                                   res.outputs if job.want_outputs else None, self._out_names)
         self._finish(job, reply, ok=True)
+
+    def _top_k(self, out: np.ndarray) -> list[dict]:
+        """top-k of a class vector; whether the model emits logits is decided once, on its first output."""
+        if self._logits is None:
+            self._logits = not looks_like_probabilities(out.reshape(-1))
+        if not self._logits:
+            return top_k(out, self.top_k, self.labels)
+        v = out.reshape(-1)
+        k = min(self.top_k, v.size)
+        idx = np.argpartition(v, v.size - k)[v.size - k:] if k < v.size else np.arange(v.size)
+        idx = idx[np.lexsort((idx, -v[idx]))]
+        m = float(v.max())
+        denom = float(np.exp(v - m, dtype=np.float64).sum())
+        out_list = []
+        for i in idx:
+            item = {"index": int(i), "score": float(np.exp(float(v[i]) - m) / denom)}
+            if self.labels is not None:
+                item["label"] = self.labels[i]
+            out_list.append(item)
+        return out_list
 
     def _finish(self, job: _Job, reply: list, ok: bool = False) -> None:
         job.entry.reply = reply
