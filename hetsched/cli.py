@@ -203,52 +203,47 @@ def demo_frames(n_images: int = 8):
 def _demo_client(n_frames: int) -> Callable:
     def run(endpoint: str, prep, result: dict, stop) -> None:
         from hetsched.client import Client
+        from hetsched.feed import feed
+        from hetsched.profile_cli import settled_stats
+        from hetsched.profile_report import build_report
         try:
             frames = demo_frames()
+            names = [n for n, _ in frames]
+            window = 2 * sum(s.replicas for s in prep.plan.stages) + 2
+            replies: list[dict] = []
             with Client(endpoint, timeout=60) as c:
-                t0 = time.monotonic()
-                sent = got = 0
-                window = 16
-                replies = []
-                while got < n_frames and not stop():
-                    while sent < n_frames and sent - got < window:
-                        name, data = frames[sent % len(frames)]
-                        c.submit(data, stream="demo")
-                        sent += 1
-                    rep = c.recv(30)
-                    if rep is None:
-                        raise HetschedError("no reply for 30 s")
-                    if rep.get("type") in ("result", "error"):
-                        got += 1
-                        replies.append(rep)
-                result.update(replies=replies, seconds=time.monotonic() - t0, names=[n for n, _ in frames])
-                result["stats"] = c.stats()
+                before = settled_stats(c)
+                stats = feed(c, iter(frames * (n_frames // len(frames) + 1)), fps=None, duration=None,
+                             count=n_frames, window=window, stream="demo", should_stop=stop,
+                             on_result=lambda name, rep: replies.append(rep))
+                after = settled_stats(c)
+            summary = stats.summary()
+            result.update(replies=replies, names=names, summary=summary,
+                          report=build_report(before, after, stats.latencies_ms, stats.sent, stats.received,
+                                              stats.errors + stats.busy, summary["seconds"], prep.limit_fps() or None))
         except Exception as exc:  # reported by the main thread
             result["error"] = f"{type(exc).__name__}: {exc}"
     return run
 
 
 def _print_demo(result: dict, prep, server) -> None:
-    import numpy as np
+    from hetsched.profile_report import format_report
     reps = result.get("replies", [])
     if not reps:
         return
     names = result["names"]
     ok = [r for r in reps if r["type"] == "result"]
-    lat = [r["latency_ms"] for r in ok]
-    print("\nresults (first frame of each built-in image; weights are synthetic, classes are arbitrary):")
+    print("\nresults (first frame of each built-in image; the built-in weights are synthetic, so the classes "
+          "are arbitrary;\nuse --model ../shared/models/squeezenet1.1.onnx --labels ... for real predictions):")
     for r in ok[:len(names)]:
         top = r["top_k"][0]
-        print(f"  {names[r['seq'] % len(names)]:<18} top-1 class {top['index']:>4}  score {top['score']:.3f}"
+        label = f" {top['label']}" if top.get("label") else ""
+        print(f"  {names[r['seq'] % len(names)]:<18} top-1 class {top['index']:>4}{label}  score {top['score']:.3f}"
               f"  latency {r['latency_ms']:.1f} ms")
-    fps = len(reps) / result["seconds"] if result["seconds"] > 0 else 0.0
-    print(f"\nstreamed {len(reps)} frames through the client socket in {result['seconds']:.2f} s: "
-          f"{fps:.1f} frames/s (predicted {prep.plan.throughput_fps:.1f}, limit {prep.limit_fps():.1f})")
-    if lat:
-        print(f"latency p50 {np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms; "
-              f"errors {len(reps) - len(ok)}")
-    from hetsched.report import format_stage_table
-    print("\n" + format_stage_table(server.snapshot()))
+    s = result["summary"]
+    print(f"\nstreamed {s['received']} frames through the client socket in {s['seconds']:.2f} s; "
+          f"errors {len(reps) - len(ok)}\n")
+    print(format_report(result["report"]))
 
 
 def cmd_start(args: argparse.Namespace) -> int:
