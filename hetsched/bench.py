@@ -72,6 +72,7 @@ class BenchOptions:
     pool: int = 8                   # distinct input tensors
     check_every: int = 20           # fixed-load pass: request outputs of every n-th hetsched frame
     profile_repeats: int | None = None
+    pin_service: bool = False       # experiment: pin coordinator + feeding client to the fastest cluster
     command: str = "hetsched bench"
     progress: Progress | None = None
 
@@ -480,8 +481,15 @@ def hetsched_fixed(client, pool: np.ndarray, fps: float, seconds: float, stream:
             seq = client.submit(pool[k % len(pool)], stream=stream, want_outputs=want)
             due[seq] = (t0 + k / fps, k % len(pool), want)
             k += 1
+        # wait for a reply until the next frame is due, without spinning: zmq polls in whole ms, so the
+        # last sub-ms is slept (a spinning client would take CPU from the workers on a small machine)
         wait = max(0.0, min(0.05, t0 + k / fps - time.monotonic())) if k < n else 0.05
-        rep = client.recv(wait)
+        if wait >= 0.001:
+            rep = client.recv(int(wait * 1000) / 1000.0)
+        else:
+            rep = client.recv(0)
+            if rep is None and wait > 0:
+                time.sleep(wait)
         if rep is not None and rep.get("type") in ("result", "error"):
             t = time.monotonic()
             last_reply = t
@@ -498,6 +506,34 @@ def hetsched_fixed(client, pool: np.ndarray, fps: float, seconds: float, stream:
             raise HetschedError(f"hetsched: no reply for 30 s with {len(due)} frames outstanding")
     return {"frames": len(lat), "offered": n, "errors": errors, "seconds": time.monotonic() - t0,
             "lat_ms": lat, "client_cpu_s": time.thread_time() - c0, "checks": checks}
+
+
+def hetsched_unloaded(client, pool: np.ndarray, seconds: float) -> dict:
+    """One frame at a time: where a lone frame's latency goes (client socket, each stage's transfer-in and
+    compute, the rest of the coordinator's path), medians in ms."""
+    from hetsched.feed import feed
+    reps: list[dict] = []
+    stats = feed(client, _pool_frames(pool), fps=None, duration=seconds, count=None, window=1, stream="unloaded",
+                 on_result=lambda name, rep: reps.append(rep), reply_timeout=30.0)
+    ok = [r for r in reps if r.get("type") == "result"]
+    if not ok:
+        return {}
+    med = lambda xs: _r(float(np.median(xs))) if xs else None  # noqa: E731
+    n_st = max(len(r["stages"]) for r in ok)
+    stages = []
+    for i in range(n_st):
+        hops = [r["stages"][i] for r in ok if len(r["stages"]) > i]
+        stages.append({"stage": i, "transfer_in_ms": med([h["queue_ms"] for h in hops]),
+                       "compute_ms": med([h["compute_ms"] for h in hops])})
+    server = [r["latency_ms"] for r in ok]
+    inside = [sum(h["queue_ms"] + h["compute_ms"] for h in r["stages"]) for r in ok]
+    client_lat = stats.latencies_ms
+    out = {"frames": len(ok), "client_latency_ms": med(client_lat), "server_latency_ms": med(server),
+           "stages": stages,
+           "coordinator_rest_ms": med([sv - ins for sv, ins in zip(server, inside)]),
+           "client_socket_ms": med([c - sv for c, sv in zip(client_lat, server)]) if len(client_lat) == len(server)
+           else None}
+    return out
 
 
 def hetsched_check(client, pool: np.ndarray, reference: np.ndarray, n: int = 4) -> list[float]:
@@ -583,6 +619,7 @@ def run_scenario(sc: Scenario, opts: BenchOptions, note: Progress) -> dict:
     if len(sc.clusters) == 1:
         res["notes"].append("one cluster: ort-fastest-cluster runs the same set-up as ort-all (all cores)")
     procs: dict[str, Any] = {}
+    saved_affinity = None
     sampler = RssSampler()
     try:
         with emulation(sc.clusters, sc.cfg.emulation_period_ms, note):
@@ -593,6 +630,16 @@ def run_scenario(sc: Scenario, opts: BenchOptions, note: Progress) -> dict:
             window = 2 * n_workers + 2
             res.update(plan=plan, predicted_fps=plan.get("throughput_fps"), profile_limit_fps=svc.ready["limit_fps"],
                        profile_measured=svc.ready["measured"], hetsched_workers=svc.ready["workers"], window=window)
+            if opts.pin_service:
+                fast_cores = set(fast.cores)
+                for tid in os.listdir(f"/proc/{svc.pid}/task"):
+                    try:
+                        os.sched_setaffinity(int(tid), fast_cores)
+                    except OSError:
+                        pass
+                saved_affinity = os.sched_getaffinity(0)
+                os.sched_setaffinity(0, fast_cores)  # this (client) thread only
+                res["notes"].append(f"--pin-service: coordinator and feeding client pinned to {sorted(fast_cores)}")
             note(f"[{sc.name}] plan: {len(plan['stages'])} stage(s), {n_workers} worker(s), predicted "
                  f"{plan.get('throughput_fps', 0):.1f} fps; window {window}")
             for name in ORT_CONTENDERS:
@@ -606,6 +653,8 @@ def run_scenario(sc: Scenario, opts: BenchOptions, note: Progress) -> dict:
             finally:
                 client.close()
     finally:
+        if saved_affinity is not None:
+            os.sched_setaffinity(0, saved_affinity)
         sampler.close()
         for name, p in procs.items():
             try:
@@ -694,11 +743,14 @@ def _run_rounds(sc: Scenario, opts: BenchOptions, procs: dict, client, pool: np.
              f"(median so far {statistics.median(a['fps']):.1f})" + (f"   WARNING: other processes used {fl:.0f}% "
                                                                        f"CPU meanwhile" if fl > 10 else ""))
 
+    stats0 = client.stats()
     order = list(CONTENDERS)
     for r in range(opts.rounds):
         k = r % len(order)
         for name in order[k:] + order[:k]:
             slot(name, r)
+    time.sleep(0.7)  # workers report their counters every 0.5 s
+    res["hetsched_stages"] = stage_breakdown(stats0, client.stats())
 
     # fixed-load pass: 70 % of each contender's own measured max, open loop
     fixed: dict[str, dict] = {}
@@ -731,6 +783,12 @@ def _run_rounds(sc: Scenario, opts: BenchOptions, procs: dict, client, pool: np.
         note(f"[{sc.name}] {opts.load_fraction:.0%} load  {name:<20} {target:7.1f} fps offered  "
              f"p50 {fixed[name]['p50_ms']} ms  p99 {fixed[name]['p99_ms']} ms")
 
+    res["hetsched_unloaded"] = hetsched_unloaded(client, pool, max(1.0, opts.fixed_seconds / 2))
+    u = res["hetsched_unloaded"]
+    if u:
+        note(f"[{sc.name}] hetsched, one frame at a time: {u['client_latency_ms']} ms p50 "
+             f"(stages " + ", ".join(f"{st['transfer_in_ms']}+{st['compute_ms']}" for st in u["stages"]) + " ms)")
+
     # results
     c: dict[str, dict] = {}
     for name in CONTENDERS:
@@ -762,9 +820,29 @@ def _run_rounds(sc: Scenario, opts: BenchOptions, procs: dict, client, pool: np.
         m["vs_limit"] = _r(m["fps"] / lim_fps) if lim_fps else None
         m["vs_ort_all"] = _r(m["fps"] / all_fps) if all_fps else None
     res["contenders"] = c
+    for st in res.get("hetsched_stages", []):  # share of the time the stage computes or sends, saturated
+        st["busy_pct"] = _r(100.0 * (st["compute_ms_per_frame"] + st["send_ms_per_frame"]) * c["hetsched"]["fps"]
+                            / 1e3 / st["replicas"], 1)
     res["foreign_cpu_pct"] = foreign.summary()
     res["background_cpu_pct"] = {"mean": _r(float(np.mean(background)), 1) if background else None,
                                  "max": _r(max(background), 1) if background else None}
+
+
+def stage_breakdown(before: dict, after: dict) -> list[dict]:
+    """Per stage, over the saturated hetsched slots: ms per frame computing, sending, waiting for input,
+    against the plan's prediction."""
+    out = []
+    for b, a in zip(before["stages"], after["stages"]):
+        n = a["frames"] - b["frames"]
+        if n <= 0:
+            continue
+        per = lambda k: _r(1e3 * (a[k] - b[k]) / n)  # noqa: E731  (summed over replicas)
+        out.append({"stage": a["stage"], "cluster": a["cluster"], "cores": a["cores"], "replicas": a["replicas"],
+                    "threads": a["threads"], "frames": n, "compute_ms_per_frame": per("compute_s"),
+                    "send_ms_per_frame": per("send_s"),
+                    "compute_ms_p50": _r(a.get("compute_ms_p50")), "predicted_compute_ms": _r(a["predicted_ms"]),
+                    "predicted_period_ms": _r(a["predicted_period_ms"])})
+    return out
 
 
 # ------------------------------------------------------------------------------------------ targets
@@ -858,6 +936,13 @@ def _scenario_title(sc: dict) -> str:
     return f"{sc['name']}: {cl}"
 
 
+def _unloaded_text(u: dict) -> str:
+    st = "; ".join(f"stage {x['stage']}: transfer in {x['transfer_in_ms']} + compute {x['compute_ms']}"
+                   for x in u["stages"])
+    return (f"hetsched, one frame at a time (median ms): client-measured {u['client_latency_ms']} = client socket "
+            f"{u['client_socket_ms']} + {st} + rest of the coordinator's path {u['coordinator_rest_ms']}")
+
+
 def _targets_text(sc: dict) -> list[str]:
     out = []
     for t in sc["targets"]:
@@ -881,6 +966,14 @@ def format_report(result: dict) -> str:
         if h:
             lines.append(f"hetsched CPU ms/frame: coordinator {h['coordinator']}, workers {h['workers']}, "
                          f"client {h['client']} (total above includes the client)")
+        for st in sc.get("hetsched_stages", []):
+            lines.append(f"hetsched stage {st['stage']} ({st['cluster']} {st['cores']}, {st['replicas']}x{st['threads']}): "
+                         f"compute {st['compute_ms_p50']} ms p50 (predicted {st['predicted_compute_ms']}), "
+                         f"send {st['send_ms_per_frame']} ms/frame, busy {_fmt(st.get('busy_pct'), 0)} % "
+                         "at saturation")
+        u = sc.get("hetsched_unloaded")
+        if u:
+            lines.append(_unloaded_text(u))
         fl = sc["foreign_cpu_pct"]
         lines.append(f"other processes on the machine: {_fmt(fl['mean_pct'])} % CPU mean, {_fmt(fl['max_pct'])} % max"
                      f" per slot; steal {_fmt(fl['steal_mean_pct'])} %"
@@ -987,6 +1080,19 @@ def write_markdown(result: dict, path: str) -> None:
             L.append(f"hetsched CPU per frame (saturated): coordinator {h['coordinator']} ms, workers {h['workers']} "
                      f"ms, feeding client {h['client']} ms (the table's figure includes the client).")
             L.append("")
+        if sc.get("hetsched_stages"):
+            L.append("hetsched stages while saturated (ms per frame, summed over a stage's replicas):")
+            L.append("")
+            L.append(_md_table([[str(st["stage"]), f"{st['cluster']} {st['cores']}", f"{st['replicas']} x {st['threads']}",
+                                 _fmt(st["predicted_compute_ms"], 2), _fmt(st["compute_ms_p50"], 2),
+                                 _fmt(st["send_ms_per_frame"], 2), _fmt(st.get("busy_pct"), 0)]
+                                for st in sc["hetsched_stages"]],
+                               ["stage", "cluster", "replicas x threads", "predicted compute", "compute p50",
+                                "send", "busy % (saturated)"]))
+            L.append("")
+        if sc.get("hetsched_unloaded"):
+            L.append(_unloaded_text(sc["hetsched_unloaded"]) + ".")
+            L.append("")
         corr = sc["correctness"]
         L.append(f"Outputs: {'equal' if corr['ok'] else 'NOT equal'} to the unsplit model's (1-thread onnxruntime) "
                  f"within {CORRECT_ATOL:g} on {corr['checked_frames']} frames (max |diff| "
@@ -1036,7 +1142,7 @@ def run_bench(opts: BenchOptions) -> dict:
                     "settings": {"rounds": opts.rounds, "seconds": opts.seconds, "fixed_seconds": opts.fixed_seconds,
                                  "load_fraction": opts.load_fraction, "warmup_seconds": opts.warmup_seconds,
                                  "pool": opts.pool, "seed": opts.seed, "quick": opts.quick,
-                                 "profile_repeats": opts.profile_repeats},
+                                 "profile_repeats": opts.profile_repeats, "pin_service": opts.pin_service},
                     "scenarios": []}
     for sc in scenarios:
         note(f"scenario {sc.name} ({sc.source}): " + ", ".join(
@@ -1066,6 +1172,7 @@ def _command_line() -> str:
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     kw: dict = {"configs": list(args.config or []), "out": args.out, "model": args.model, "seed": args.seed,
+                "pin_service": args.pin_service,
                 "command": _command_line()}
     if args.scenarios is not None:
         kw["scenarios"] = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -1110,6 +1217,8 @@ def add_parser(sub, common) -> None:
                                                " '' for none)")
     sp.add_argument("--model", help="ONNX model path (default: the built-in SqueezeNet 1.1)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the input tensors")
+    sp.add_argument("--pin-service", action="store_true",
+                    help="experiment: pin the hetsched coordinator and the feeding client to the fastest cluster")
     sp.add_argument("--quick", action="store_true", help="a few seconds per scenario (harness check; default "
                                                          "scenario bl0.5)")
     sp.set_defaults(func=cmd_bench)
