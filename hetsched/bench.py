@@ -936,6 +936,14 @@ def _scenario_title(sc: dict) -> str:
     return f"{sc['name']}: {cl}"
 
 
+def _disturbed(sc: dict) -> str:
+    fl = sc.get("foreign_cpu_pct") or {}
+    if (fl.get("max_pct") or 0) > 10:
+        return (f" (**disturbed**: processes not started by the benchmark used {_fmt(fl['mean_pct'])} % CPU on "
+                f"average, up to {_fmt(fl['max_pct'])} % in one slot)")
+    return ""
+
+
 def _unloaded_text(u: dict) -> str:
     st = "; ".join(f"stage {x['stage']}: transfer in {x['transfer_in_ms']} + compute {x['compute_ms']}"
                    for x in u["stages"])
@@ -1061,7 +1069,9 @@ def write_markdown(result: dict, path: str) -> None:
                  f"p50/p99 at 70% load {_fmt(h.get('fixed', {}).get('p50_ms'))}/"
                  f"{_fmt(h.get('fixed', {}).get('p99_ms'))} ms "
                  f"(ort-replicas {_fmt(c['ort-replicas'].get('fixed', {}).get('p50_ms'))}/"
-                 f"{_fmt(c['ort-replicas'].get('fixed', {}).get('p99_ms'))} ms)")
+                 f"{_fmt(c['ort-replicas'].get('fixed', {}).get('p99_ms'))} ms); targets met "
+                 f"{sum(1 for t in sc['targets'] if t['met'])} of {len(sc['targets'])}"
+                 + _disturbed(sc))
     L.append("")
     for sc in result["scenarios"]:
         L += [f"## {_scenario_title(sc)}", ""]
