@@ -73,6 +73,7 @@ class BenchOptions:
     check_every: int = 20           # fixed-load pass: request outputs of every n-th hetsched frame
     profile_repeats: int | None = None
     pin_service: bool = False       # experiment: pin coordinator + feeding client to the fastest cluster
+    shm: bool = True                # hetsched client: shared-memory input slots when the service offers them
     command: str = "hetsched bench"
     progress: Progress | None = None
 
@@ -648,6 +649,10 @@ def run_scenario(sc: Scenario, opts: BenchOptions, note: Progress) -> dict:
                 procs[name] = OrtProc(name, specs[name], model_path, inputs_path, input_name, tmp)
             client = Client(endpoint, timeout=60)
             try:
+                # a local client's fastest path: tensors in /dev/shm slots, only a header on the socket
+                shm = bool(opts.shm and hasattr(client, "enable_shm") and client.enable_shm(window + 4))
+                res["hetsched_input"] = "shared-memory slots" if shm else "tensor over the socket"
+                note(f"[{sc.name}] hetsched client input: {res['hetsched_input']}")
                 res["correctness"] = {"precheck_max_abs_diff": hetsched_check(client, pool, reference)}
                 _run_rounds(sc, opts, procs, client, pool, reference, window, sampler, res, note)
             finally:
@@ -964,7 +969,8 @@ def format_report(result: dict) -> str:
     for sc in result["scenarios"]:
         lines.append("")
         lines.append(_scenario_title(sc))
-        lines.append(f"plan: {len(sc['plan']['stages'])} stage(s), predicted {_fmt(sc['predicted_fps'])} fps; "
+        lines.append(f"hetsched input: {sc.get('hetsched_input', '-')}; "
+                     f"plan: {len(sc['plan']['stages'])} stage(s), predicted {_fmt(sc['predicted_fps'])} fps; "
                      f"fastest core alone {_fmt(sc['contenders']['limit']['fastest_core_frame_ms'], 2)} ms/frame; "
                      f"outputs {'OK' if sc['correctness']['ok'] else 'WRONG'} "
                      f"(max |diff| {_fmt(sc['correctness']['max_abs_diff'], 7)} over "
@@ -1078,7 +1084,8 @@ def write_markdown(result: dict, path: str) -> None:
         plan = sc["plan"]
         st = "; ".join(f"stage {p['index']}: {p['cluster']} cores {p['cores']} ({p['replicas']} x {p['threads']}), "
                        f"layers {p['first_layer']}..{p['last_layer']}" for p in plan["stages"])
-        L.append(f"Plan: {len(plan['stages'])} stage(s){': ' + st if st else ''}; predicted "
+        L.append(f"hetsched client input: {sc.get('hetsched_input', '-')}. "
+                 f"Plan: {len(plan['stages'])} stage(s){': ' + st if st else ''}; predicted "
                  f"{_fmt(sc['predicted_fps'])} fps. Fastest core alone: "
                  f"{_fmt(sc['contenders']['limit']['fastest_core_frame_ms'], 2)} ms/frame. Per-core standalone fps: "
                  + ", ".join(f"core {k}: {v}" for k, v in sc["contenders"]["limit"]["per_core_fps"].items()) + ".")
@@ -1123,7 +1130,9 @@ def write_markdown(result: dict, path: str) -> None:
           "to whichever is free. Frames come from an in-process pool (no IPC): that is how these set-ups are used.",
           "- **hetsched**: the service runs in its own process (`python -m workers.bench_worker serve`: plan for "
           "raw tensors, no preprocessing layer, cost cache off so the emulated cores are measured as slow); frames "
-          "go through the client socket (`hetsched.client.Client` + `hetsched.feed.feed`, window 2 x workers + 2).",
+          "go through the client socket (`hetsched.client.Client` + `hetsched.feed.feed`, window 2 x workers + 2); "
+          "the client uses shared-memory input slots (`Client.enable_shm`, a local client's fastest path: the "
+          "tensor is written to /dev/shm and only a header crosses the socket) unless `--no-shm` is given.",
           "- **limit**: each core alone, one single-threaded pinned session, back to back, summed.",
           "- Emulation (if any) is started once per scenario by the benchmark (real-time duty-cycle co-runners), "
           "so every contender runs under the same slow cores.",
@@ -1152,7 +1161,8 @@ def run_bench(opts: BenchOptions) -> dict:
                     "settings": {"rounds": opts.rounds, "seconds": opts.seconds, "fixed_seconds": opts.fixed_seconds,
                                  "load_fraction": opts.load_fraction, "warmup_seconds": opts.warmup_seconds,
                                  "pool": opts.pool, "seed": opts.seed, "quick": opts.quick,
-                                 "profile_repeats": opts.profile_repeats, "pin_service": opts.pin_service},
+                                 "profile_repeats": opts.profile_repeats, "pin_service": opts.pin_service,
+                                 "shm": opts.shm},
                     "scenarios": []}
     for sc in scenarios:
         note(f"scenario {sc.name} ({sc.source}): " + ", ".join(
@@ -1182,7 +1192,7 @@ def _command_line() -> str:
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     kw: dict = {"configs": list(args.config or []), "out": args.out, "model": args.model, "seed": args.seed,
-                "pin_service": args.pin_service,
+                "pin_service": args.pin_service, "shm": not args.no_shm,
                 "command": _command_line()}
     if args.scenarios is not None:
         kw["scenarios"] = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -1229,6 +1239,8 @@ def add_parser(sub, common) -> None:
     sp.add_argument("--seed", type=int, default=0, help="seed of the input tensors")
     sp.add_argument("--pin-service", action="store_true",
                     help="experiment: pin the hetsched coordinator and the feeding client to the fastest cluster")
+    sp.add_argument("--no-shm", action="store_true",
+                    help="hetsched client sends tensors over the socket instead of shared-memory input slots")
     sp.add_argument("--quick", action="store_true", help="a few seconds per scenario (harness check; default "
                                                          "scenario bl0.5)")
     sp.set_defaults(func=cmd_bench)
