@@ -88,17 +88,7 @@ def measure_clusters(model: onnx.ModelProto, graph: ModelGraph, clusters: Sequen
     return out
 
 
-def _measure_one(model, graph, cluster, layer_models, repeats, warmup, timeout, progress,
-                 preprocess) -> ClusterMeasurement:
-    from workers.profile_worker import run as profile_run
-
-    spec = {
-        "cores": list(cluster.cores), "threads": list(thread_counts_to_measure(len(cluster.cores))),
-        "layer_models": layer_models, "whole_model": model.SerializeToString(),
-        "layer_inputs": [[t.to_dict() for t in graph.boundaries[i]] for i in range(len(graph.layers))],
-        "whole_inputs": [t.to_dict() for t in graph.inputs],
-        "repeats": repeats, "warmup": warmup, "parent_pid": os.getpid(), "preprocess": preprocess,
-    }
+def _run_profiler(spec: dict, cluster: Cluster, timeout: float, progress, profile_run) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     proc = ctx.Process(target=profile_run, args=(spec, q), name=f"hetsched-profile-{cluster.name}", daemon=True)
@@ -132,6 +122,64 @@ def _measure_one(model, graph, cluster, layer_models, repeats, warmup, timeout, 
             proc.kill()
             proc.join(5.0)
         q.close()
+    return result
+
+
+def measure_stages(model: onnx.ModelProto, graph: ModelGraph, clusters: Sequence[Cluster],
+                   requests: Sequence[tuple[str, int, int, int]], *, repeats: int = 20, warmup: int = 3,
+                   use_cache: bool = True, cache_dir: str | None = None, timeout: float = 600.0,
+                   progress: Callable[[str], None] | None = None) -> dict[tuple[str, int, int, int], float]:
+    """Median ms of whole stage sub-models: requests are (cluster, first graph layer, last, threads),
+    each timed by a process pinned to that cluster's cores."""
+    cache_dir = cache_dir or default_cache_dir()
+    by_name = {c.name: c for c in clusters}
+    out: dict[tuple[str, int, int, int], float] = {}
+    todo: dict[str, list[tuple[str, int, int, int]]] = {}
+    for req in requests:
+        cluster = by_name[req[0]]
+        path = os.path.join(cache_dir, f"stage-{cache_key(graph, cluster, repeats, warmup)}-{req[1]}-{req[2]}-{req[3]}.json")
+        if use_cache and os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    out[req] = float(json.load(fh)["ms"])
+                continue
+            except (OSError, ValueError, KeyError):
+                pass
+        todo.setdefault(req[0], []).append(req)
+    from workers.profile_worker import run as profile_run
+    for name, reqs in todo.items():
+        cluster = by_name[name]
+        if progress:
+            progress(f"timing {len(reqs)} planned stage(s) as whole sub-models on cluster {name}")
+        spec = {"cores": list(cluster.cores), "threads": [], "whole_model": model.SerializeToString(),
+                "whole_inputs": [t.to_dict() for t in graph.inputs], "repeats": repeats, "warmup": warmup,
+                "parent_pid": os.getpid(),
+                "stage_models": {f"{r[1]}-{r[2]}-{r[3]}": (r[3], extract_stage(model, graph, r[1], r[2]).SerializeToString(),
+                                                           [t.to_dict() for t in graph.boundaries[r[1]]]) for r in reqs}}
+        result = _run_profiler(spec, cluster, timeout, None, profile_run)
+        for r in reqs:
+            ms = float(result["stage_ms"][f"{r[1]}-{r[2]}-{r[3]}"])
+            out[r] = ms
+            if use_cache:
+                os.makedirs(cache_dir, exist_ok=True)
+                path = os.path.join(cache_dir, f"stage-{cache_key(graph, cluster, repeats, warmup)}-{r[1]}-{r[2]}-{r[3]}.json")
+                with open(path, "w", encoding="utf-8") as fh:
+                    json.dump({"ms": ms}, fh)
+    return out
+
+
+def _measure_one(model, graph, cluster, layer_models, repeats, warmup, timeout, progress,
+                 preprocess) -> ClusterMeasurement:
+    from workers.profile_worker import run as profile_run
+
+    spec = {
+        "cores": list(cluster.cores), "threads": list(thread_counts_to_measure(len(cluster.cores))),
+        "layer_models": layer_models, "whole_model": model.SerializeToString(),
+        "layer_inputs": [[t.to_dict() for t in graph.boundaries[i]] for i in range(len(graph.layers))],
+        "whole_inputs": [t.to_dict() for t in graph.inputs],
+        "repeats": repeats, "warmup": warmup, "parent_pid": os.getpid(), "preprocess": preprocess,
+    }
+    result = _run_profiler(spec, cluster, timeout, progress, profile_run)
     return ClusterMeasurement(cluster.name, tuple(cluster.cores),
                               {int(t): tuple(v) for t, v in result["layer_ms"].items()},
                               {int(t): float(v) for t, v in result["whole_ms"].items()},

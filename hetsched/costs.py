@@ -167,5 +167,14 @@ def flop_sanity(layer_names: Sequence[str], layer_flops: Sequence[int], layer_ms
             if r > med * tolerance or r < med / tolerance]
 
 
+def rescale_range(costs: CostTable, cluster: str, first: int, last: int, factor: float) -> CostTable:
+    """Scale layers first..last on one cluster (every thread count) by ``factor``: the correction
+    learnt from timing a whole stage sub-model against the sum of its layers' predictions."""
+    per_t = {t: tuple(v * factor if first <= i <= last else v for i, v in enumerate(ms))
+             for t, ms in costs.layer_ms[cluster].items()}
+    return CostTable(costs.layer_names, {**costs.layer_ms, cluster: per_t}, costs.boundary_bytes,
+                     costs.stage_overhead_ms)
+
+
 def thread_counts_to_measure(n_cores: int) -> tuple[int, ...]:
     return (1,) if n_cores == 1 else (1, n_cores)

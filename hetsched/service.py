@@ -138,8 +138,54 @@ def prepare(cfg: Config, *, progress: Progress | None = None, sysfs_root: str = 
     plan = plan_pipeline(costs, [ClusterSpec(c.name, c.cores) for c in clusters], transfer,
                          max_stages=p.max_stages, tie_tolerance=p.tie_tolerance, allow_replicas=p.allow_replicas,
                          forced_cuts=p.forced_cuts)
+    if cfg.profile.measure and cfg.profile.refine and measurements:
+        costs, plan = refine_plan(cfg, model, graph, clusters, measurements, costs, plan, transfer,
+                                  1 if with_preprocess else 0, note,
+                                  cfg.profile.cache if use_cache is None else use_cache)
     return Prepared(cfg, topo, list(clusters), model, graph, measurements, costs, plan, transfer, warnings,
                     with_preprocess, tuple(home.cores))
+
+
+def refine_plan(cfg: Config, model, graph: ModelGraph, clusters, measurements, costs: CostTable, plan: Plan,
+                transfer: TransferModel, offset: int, note: Progress, use_cache: bool) -> tuple[CostTable, Plan]:
+    """Time the planned stages as whole sub-models on their clusters, scale the layers' costs by
+    measured/predicted, and plan again (up to ``profile.refine`` rounds, until the plan holds).
+
+    Layers timed one by one miss what a whole stage does (fusion across layer boundaries, cache
+    reuse, per-run overheads); this closes most of that gap for the stages actually chosen."""
+    from hetsched.cost_profiler import measure_stages
+    from hetsched.costs import rescale_range
+    p = cfg.planner
+    empty = {m.cluster: m.empty_ms for m in measurements}
+    seen: set = set()
+    for _ in range(cfg.profile.refine):
+        reqs = []
+        for st in plan.stages:
+            first, last = max(st.first_layer, offset), st.last_layer
+            if last >= first and (st.cluster, first, last, st.threads) not in seen:
+                reqs.append((st.cluster, first - offset, last - offset, st.threads))
+        if not reqs:
+            break
+        timed = measure_stages(model, graph, clusters, reqs, repeats=max(10, cfg.profile.repeats // 2),
+                               warmup=cfg.profile.warmup, use_cache=use_cache, cache_dir=cfg.profile.cache_dir,
+                               progress=note)
+        for (c, gf, gl, t), ms in timed.items():
+            seen.add((c, gf + offset, gl + offset, t))
+            predicted = sum(costs.layer_ms[c][t][gf + offset:gl + offset + 1])
+            measured = max(0.0, ms - empty[c].get(t, empty[c][1]))
+            if predicted > 0 and abs(measured / predicted - 1.0) > 0.02:
+                note(f"cluster {c}: layers {gf + offset}..{gl + offset} take {measured:.2f} ms as one stage, "
+                     f"predicted {predicted:.2f}: correcting")
+                costs = rescale_range(costs, c, gf + offset, gl + offset, measured / predicted)
+        new = plan_pipeline(costs, [ClusterSpec(c.name, c.cores) for c in clusters], transfer,
+                            max_stages=p.max_stages, tie_tolerance=p.tie_tolerance, allow_replicas=p.allow_replicas,
+                            forced_cuts=p.forced_cuts)
+        same = [(s.cluster, s.first_layer, s.last_layer, s.threads) for s in new.stages] == \
+               [(s.cluster, s.first_layer, s.last_layer, s.threads) for s in plan.stages]
+        plan = new
+        if same:
+            break
+    return costs, plan
 
 
 def coordinator_cluster(clusters: Sequence[Cluster]) -> Cluster:

@@ -36,52 +36,80 @@ def _empty_model() -> bytes:
     return m.SerializeToString()
 
 
-def measure(spec: dict, progress=None) -> dict:
-    import numpy as np
-    import onnxruntime as ort
+def _time_models(ort, models: list[bytes], feeds: list[dict], threads: int, warmup: int, repeats: int,
+                 on_round=None) -> list[float]:
+    """Median ms of one run of each model.
 
-    from hetsched.graph import TensorInfo, random_inputs
-
-    results = {"layer_ms": {}, "whole_ms": {}, "empty_ms": {}, "preprocess_ms": None}
-    empty = _empty_model()
-    if spec.get("preprocess") is not None:
-        results["preprocess_ms"] = _measure_preprocess(spec, progress)
-    for threads in spec["threads"]:
-        sessions = [_session(ort, mb, threads) for mb in spec["layer_models"]]
-        whole = _session(ort, spec["whole_model"], threads)
-        nothing = _session(ort, empty, threads)
-        feeds = []
-        for i, sess in enumerate(sessions):
-            infos = [TensorInfo.from_dict(t) for t in spec["layer_inputs"][i]]
-            x = random_inputs(infos, seed=i)
-            feeds.append({k: v for k, v in x.items() if k in {n.name for n in sess.get_inputs()}})
-        whole_feed = random_inputs([TensorInfo.from_dict(t) for t in spec["whole_inputs"]], seed=99)
-        empty_feed = {"x": np.zeros((1, 1), np.float32)}
-        for _ in range(spec["warmup"]):
+    One thread: all sessions stay alive and are timed in interleaved rounds (drift hits all alike).
+    More threads: one session at a time, because the idle thread pools of other sessions would spin
+    on the same cores and make every multi-threaded run look many times slower.
+    """
+    clock = time.perf_counter
+    if threads == 1:
+        sessions = [_session(ort, mb, 1) for mb in models]
+        for _ in range(warmup):
             for sess, feed in zip(sessions, feeds):
                 sess.run(None, feed)
-            whole.run(None, whole_feed)
-            nothing.run(None, empty_feed)
-        times: list[list[float]] = [[] for _ in sessions]
-        t_whole, t_empty = [], []
-        clock = time.perf_counter
-        for r in range(spec["repeats"]):
+        times: list[list[float]] = [[] for _ in models]
+        for r in range(repeats):
             for i, (sess, feed) in enumerate(zip(sessions, feeds)):
                 t0 = clock()
                 sess.run(None, feed)
                 times[i].append(clock() - t0)
+            if on_round:
+                on_round(r + 1, repeats)
+        return [statistics.median(t) * 1e3 for t in times]
+    out = []
+    for i, (mb, feed) in enumerate(zip(models, feeds)):
+        sess = _session(ort, mb, threads)
+        for _ in range(warmup):
+            sess.run(None, feed)
+        t = []
+        for _ in range(repeats):
             t0 = clock()
-            whole.run(None, whole_feed)
-            t_whole.append(clock() - t0)
-            for _ in range(3):
-                t0 = clock()
-                nothing.run(None, empty_feed)
-                t_empty.append(clock() - t0)
+            sess.run(None, feed)
+            t.append(clock() - t0)
+        del sess
+        out.append(statistics.median(t) * 1e3)
+        if on_round:
+            on_round(i + 1, len(models))
+    return out
+
+
+def _feeds(ort, models: list[bytes], inputs: list[list[dict]]) -> list[dict]:
+    from hetsched.graph import TensorInfo, random_inputs
+    feeds = []
+    for i, (mb, ins) in enumerate(zip(models, inputs)):
+        x = random_inputs([TensorInfo.from_dict(t) for t in ins], seed=i)
+        import onnx
+        names = {inp.name for inp in onnx.load_from_string(mb).graph.input}
+        feeds.append({k: v for k, v in x.items() if k in names})
+    return feeds
+
+
+def measure(spec: dict, progress=None) -> dict:
+    import onnxruntime as ort
+
+    results = {"layer_ms": {}, "whole_ms": {}, "empty_ms": {}, "preprocess_ms": None, "stage_ms": {}}
+    if spec.get("preprocess") is not None:
+        results["preprocess_ms"] = _measure_preprocess(spec, progress)
+    models = list(spec.get("layer_models", [])) + [spec["whole_model"], _empty_model()]
+    inputs = list(spec.get("layer_inputs", [])) + [spec["whole_inputs"],
+                                                   [{"name": "x", "dtype": "float32", "shape": [1, 1]}]]
+    feeds = _feeds(ort, models, inputs)
+    n = len(spec.get("layer_models", []))
+    for threads in spec["threads"]:
+        def on_round(done, total, threads=threads):
             if progress is not None:
-                progress(threads, r + 1, spec["repeats"])
-        results["layer_ms"][threads] = [statistics.median(t) * 1e3 for t in times]
-        results["whole_ms"][threads] = statistics.median(t_whole) * 1e3
-        results["empty_ms"][threads] = statistics.median(t_empty) * 1e3
+                progress(threads, done, total)
+        ms = _time_models(ort, models, feeds, threads, spec["warmup"], spec["repeats"], on_round)
+        results["layer_ms"][threads] = ms[:n]
+        results["whole_ms"][threads] = ms[n]
+        results["empty_ms"][threads] = ms[n + 1]
+    # whole candidate stages (sub-models of several layers), for refining a plan
+    for key, (threads, mb, ins) in spec.get("stage_models", {}).items():
+        results["stage_ms"][key] = _time_models(ort, [mb], _feeds(ort, [mb], [ins]), threads, spec["warmup"],
+                                                spec["repeats"])[0]
     return results
 
 
