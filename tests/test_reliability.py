@@ -163,7 +163,14 @@ def test_overload_is_refused_with_busy_and_memory_stays_flat(tmp_path):
                 n += 1
             capacity = n / (time.monotonic() - t0)
             rate = 3 * capacity
-            sent = results = busy = other = 0
+            sent = 0
+            tally = {"result": 0, "busy": 0, "other": 0}
+
+            def count(rep):
+                kind = "result" if rep["type"] == "result" else (
+                    "busy" if rep.get("code") in ("BUSY", "LIMIT") else "other")
+                tally[kind] += 1
+
             rss_warm = None
             t_start = time.monotonic()
             duration = 30.0
@@ -174,23 +181,14 @@ def test_overload_is_refused_with_busy_and_memory_stays_flat(tmp_path):
                     sent += 1
                 rep = c.recv(0.002)
                 while rep is not None:
-                    if rep["type"] == "result":
-                        results += 1
-                    elif rep.get("code") in ("BUSY", "LIMIT"):
-                        busy += 1
-                    else:
-                        other += 1
+                    count(rep)
                     rep = c.recv(0)
                 if rss_warm is None and time.monotonic() - t_start > 5:
                     rss_warm = rss_tree(proc.pid)
-            for rep in c.replies(expect=sent - results - busy - other, timeout=30):
-                if rep["type"] == "result":
-                    results += 1
-                elif rep.get("code") in ("BUSY", "LIMIT"):
-                    busy += 1
-                else:
-                    other += 1
+            for rep in c.replies(expect=sent - sum(tally.values()), timeout=30):
+                count(rep)
             rss_end = rss_tree(proc.pid)
+        results, busy, other = tally["result"], tally["busy"], tally["other"]
         print(f"\ncapacity {capacity:.0f}/s, offered {rate:.0f}/s for {duration:.0f} s: sent {sent}, "
               f"results {results}, busy {busy}, other {other}")
         assert results + busy == sent and other == 0 and busy > 0
