@@ -25,8 +25,10 @@ from typing import Mapping, Sequence
 
 from hetsched.planner import CostTable
 
-# Python + zmq bookkeeping per frame in a stage worker (recv, header parse, encode, send), ms.
-WORKER_OVERHEAD_MS = 0.06
+# Python + zmq bookkeeping per frame in a stage worker (recv, header parse, encode, send, heartbeat),
+# ms on the fastest cluster; slower clusters pay it in proportion to their measured slowness.
+# Measured by `hetsched bench`: workers use 0.5-0.7 ms of CPU per frame beyond onnxruntime.
+WORKER_OVERHEAD_MS = 0.35
 DEFAULT_GFLOPS_PER_CORE = 50.0
 
 
@@ -97,11 +99,13 @@ def layer_ms_all_threads(m: ClusterMeasurement) -> dict[int, tuple[float, ...]]:
 def cost_table_from_measurements(layer_names: Sequence[str], boundary_bytes: Sequence[int],
                                  measurements: Sequence[ClusterMeasurement],
                                  worker_overhead_ms: float = WORKER_OVERHEAD_MS) -> CostTable:
+    fastest = min(m.whole_ms[1] for m in measurements)
     return CostTable(
         layer_names=tuple(layer_names),
         layer_ms={m.cluster: layer_ms_all_threads(m) for m in measurements},
         boundary_bytes=tuple(int(b) for b in boundary_bytes),
-        stage_overhead_ms={m.cluster: m.empty_ms[1] + worker_overhead_ms for m in measurements},
+        stage_overhead_ms={m.cluster: m.empty_ms[1] + worker_overhead_ms * m.whole_ms[1] / fastest
+                           for m in measurements},
     )
 
 
