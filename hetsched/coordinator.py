@@ -511,12 +511,6 @@ class Pipeline:
         samples = list(prev.get("all_samples", ()))[-4096:] + list(msg.get("samples", ()))
         w.stats = {**msg, "all_samples": samples}
 
-    def check_workers(self) -> None:
-        """Raise if the pipeline cannot make progress any more (supervision restarts dead workers)."""
-        if self.supervisor.degraded and self.supervisor.recovering:
-            bad = {k: s.last_reason for k, s in self.supervisor.slots.items() if s.consecutive_failures}
-            log.error("pipeline degraded: workers keep crashing on start: %s", bad)
-
     def run(self, inputs: Iterable[Sequence[np.ndarray] | np.ndarray], timeout: float = 60.0) -> Iterator[FrameResult]:
         """Stream ``inputs`` through the pipeline; yield results in input order."""
         it = iter(inputs)
@@ -566,14 +560,6 @@ class Pipeline:
                 agg["samples"] += w.stats.get("all_samples", [])
             out.append(agg)
         return out
-
-    def request_stats(self, timeout: float = 2.0) -> None:
-        """Wait until every worker has reported stats newer than now (or timeout)."""
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if all(w.stats.get("t", 0) >= t0 for w in self.workers):
-                return
-            self.poll(20)
 
     # ---------------------------------------------------------------- stop
     def stop(self, drain_timeout: float = 5.0, grace: float = 3.0) -> None:
