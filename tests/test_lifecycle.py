@@ -111,3 +111,24 @@ def test_config_error_names_the_key(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "clusters.little.cores[1]: core 99 does not exist on this host" in r.stderr
+
+
+@pytest.mark.timeout(180)
+def test_status_snapshot_of_a_running_service(tmp_path):
+    import json
+    proc, sock, lines = start_service(tmp_path)
+    try:
+        feed_some(sock, 4)
+        r = subprocess.run([sys.executable, "-m", "hetsched.cli", "status", "--connect", sock, "--json"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        snap = json.loads(r.stdout)
+        assert snap["completed"] == 4 and snap["workers"] == 2 and snap["uptime_s"] > 0
+        assert [s["cluster"] for s in snap["stages"]] and all("utilization" in s for s in snap["stages"])
+        assert snap["supervision"]["restarts"] == 0 and not snap["supervision"]["degraded"]
+        once = subprocess.run([sys.executable, "-m", "hetsched.cli", "status", "--connect", sock, "--once"],
+                              capture_output=True, text=True, timeout=60)
+        assert once.returncode == 0 and "health ok" in once.stdout, once.stdout + once.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
