@@ -129,13 +129,12 @@ def main(spec: dict) -> int:
         wait_s = compute_s = send_s = 0.0
         samples: list[float] = []
         t_last_stats = t_idle_from = time.monotonic()
-        draining = False
         monotonic = time.monotonic
         def send_stats(final: bool = False) -> None:
             nonlocal samples
             ctl.send(control("STATS", stage=stage, replica=replica, pid=os.getpid(), frames=frames_done,
                              errors=errors, wait_s=wait_s, compute_s=compute_s, send_s=send_s,
-                             samples=samples[-512:], t=monotonic(), draining=draining, final=final))
+                             samples=samples[-512:], t=monotonic(), final=final))
             samples = []
 
         while not stop["flag"]:
@@ -144,8 +143,6 @@ def main(spec: dict) -> int:
                 msg = parse_control(ctl.recv())
                 if msg["type"] == "STOP":
                     break
-                if msg["type"] == "DRAIN":
-                    draining = True
             if inp in events:
                 t_recv = monotonic()
                 parts = inp.recv_multipart(copy=False)
@@ -156,16 +153,14 @@ def main(spec: dict) -> int:
                         ref = parse_control(parts[1].bytes)
                         arrays = [shm_cache.view(ref["name"], ref["slots"], ref["slot_bytes"], ref["slot"],
                                                  *hdr.tensors[0])]
-                        if [(a.dtype.name, a.shape) for a in arrays] != expected_in:
-                            raise ShapeMismatch(f"shared-memory input {hdr.tensors}, expected {expected_in}")
                     elif prep is not None and hdr.tensors and hdr.tensors[0][0] == "uint8" \
                             and len(hdr.tensors[0][1]) == 1:
                         arrays = [prep(parts[1].buffer)]
-                        if [(a.dtype.name, a.shape) for a in arrays] != expected_in:
-                            raise ShapeMismatch(f"preprocessed image is {arrays[0].dtype}{list(arrays[0].shape)}, "
-                                                f"model expects {expected_in}")
                     else:
-                        arrays = views(hdr, parts[1:], expected_in)
+                        arrays = views(hdr, parts[1:], expected_in)  # checks against the plan itself
+                    if [(a.dtype.name, a.shape) for a in arrays] != expected_in:
+                        raise ShapeMismatch(f"stage input is {[(a.dtype.name, a.shape) for a in arrays]}, "
+                                            f"plan expects {expected_in}")
                     feed = dict(zip(feed_names, arrays))
                     outs = sess.run(out_names, {n: feed[n] for n in in_names}) if sess is not None else []
                     t_end = monotonic()

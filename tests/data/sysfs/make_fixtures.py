@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
+from hetsched.topology import format_cpulist  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -19,15 +23,7 @@ def _write(path: str, text: str) -> None:
 
 
 def cpulist(cpus) -> str:
-    ids = sorted(cpus)
-    parts, i = [], 0
-    while i < len(ids):
-        j = i
-        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
-            j += 1
-        parts.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
-        i = j + 1
-    return ",".join(parts)
+    return format_cpulist(cpus)
 
 
 def make_tree(name, ncpu, *, capacity=None, max_freq=None, siblings=None, online=None,
