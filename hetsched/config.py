@@ -97,8 +97,8 @@ class SecurityConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    """Limits on what a peer controls. None keeps the default of ``hetsched.server.ServerLimits``
-    or ``hetsched.preprocess.ImageLimits`` (listed in docs/protocol.md, section 8)."""
+    """Limits on what a peer controls. None keeps the default of ``hetsched.server.front.ServerLimits``
+    or ``hetsched.model.preprocess.ImageLimits`` (listed in docs/protocol.md, section 8)."""
     max_message_bytes: int | None = None
     max_tensor_elements: int | None = None
     max_streams_per_client: int | None = None
@@ -352,7 +352,7 @@ def load_config(path: str) -> Config:
 
 def _online_cpus() -> set[int]:
     try:
-        from hetsched.topology import parse_cpulist
+        from hetsched.host.topology import parse_cpulist
         with open("/sys/devices/system/cpu/online", encoding="utf-8") as fh:
             return set(parse_cpulist(fh.read()))
     except (OSError, ImportError, ValueError):
@@ -363,11 +363,11 @@ def resolve_clusters(cfg: Config, topology, existing: set[int] | None = None,
                      allowed: set[int] | None = None) -> list:
     """The clusters to run on: from the config's explicit lists, or the detected topology.
 
-    Returns ``hetsched.topology.Cluster`` objects, fastest first as configured, with
+    Returns ``hetsched.host.topology.Cluster`` objects, fastest first as configured, with
     ``emulated_speed`` set where the config asks for emulation. Core ids are checked against the
     host (``existing``) and the process's allowed CPU set (``allowed``); errors name the key.
     """
-    from hetsched.topology import Cluster, format_cpulist
+    from hetsched.host.topology import Cluster, format_cpulist
 
     allowed = set(os.sched_getaffinity(0)) if allowed is None else set(allowed)
     existing = _online_cpus() | allowed if existing is None else set(existing)

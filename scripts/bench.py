@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Same as ``hetsched bench``: hetsched vs onnxruntime baselines vs the limit, see hetsched/bench.py.
+"""Same as ``hetsched bench``: hetsched vs onnxruntime baselines vs the limit, see hetsched/bench/run.py.
 
     python scripts/bench.py                      # the three built-in scenarios, a few minutes
     python scripts/bench.py --quick --out /tmp/b # harness check, seconds
@@ -7,7 +7,7 @@
 
 import sys
 
-from hetsched.cli import main
+from hetsched.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

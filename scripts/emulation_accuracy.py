@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from hetsched.emulation import DEFAULT_PERIOD_MS, EmulatedCore, Emulator  # noqa: E402
+from hetsched.host.emulation import DEFAULT_PERIOD_MS, EmulatedCore, Emulator  # noqa: E402
 from hetsched.errors import EmulationError  # noqa: E402
 
 DEFAULT_MODEL = REPO.parent / "shared" / "models" / "squeezenet1.1.onnx"

@@ -31,8 +31,8 @@ def wait_for(cond, timeout: float = 10.0, interval: float = 0.02, what: str = "c
 
 @pytest.fixture(scope="session")
 def squeezenet():
-    from hetsched.graph import analyze
-    from hetsched.squeezenet import build_squeezenet11
+    from hetsched.model.graph import analyze
+    from hetsched.model.squeezenet import build_squeezenet11
     model = build_squeezenet11()
     return model, analyze(model)
 

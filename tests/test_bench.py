@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hetsched import bench
+from hetsched.bench import run as bench
 from hetsched.errors import EmulationError, HetschedError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ FIXED_FIELDS = ("offered_fps", "achieved_fps", "p50_ms", "p99_ms", "cpu_ms_per_f
 
 
 def _realtime_ok() -> bool:
-    from hetsched.emulation import check_realtime_permitted
+    from hetsched.host.emulation import check_realtime_permitted
     try:
         check_realtime_permitted()
     except EmulationError:
@@ -97,7 +97,7 @@ def test_scenarios_and_service_config(tmp_path):
 
 
 def test_cli_parses_options():
-    from hetsched.cli import build_parser
+    from hetsched.cli.main import build_parser
     args = build_parser().parse_args(["bench", "--config", "a.yaml", "b.yaml", "--scenarios", "bl0.5", "--rounds",
                                       "2", "--seconds", "1.5", "--quick", "--out", "o"])
     opts = bench.options_from_args(args)

@@ -29,14 +29,14 @@ import pytest
 import zmq
 from PIL import Image
 
-from hetsched import client_protocol as cp
+from hetsched.wire import client_protocol as cp
 from hetsched.client import Client
 from hetsched.config import InputConfig
-from hetsched.coordinator import Pipeline
-from hetsched.graph import random_inputs
-from hetsched.planner import Plan, Stage
-from hetsched.preprocess import ImageLimits, preprocess_encoded
-from hetsched.server import Server, ServerLimits
+from hetsched.runtime.pipeline import Pipeline
+from hetsched.model.graph import random_inputs
+from hetsched.planning.planner import Plan, Stage
+from hetsched.model.preprocess import ImageLimits, preprocess_encoded
+from hetsched.server.front import Server, ServerLimits
 
 from .conftest import ROOT, wait_for
 

@@ -8,7 +8,7 @@ import pytest
 
 from hetsched.config import load_config, parse_config, resolve_clusters
 from hetsched.errors import ConfigError
-from hetsched.topology import Cluster, Topology
+from hetsched.host.topology import Cluster, Topology
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_KIND = Topology((Cluster("cpu", (0, 1), 1.0),), "uniform", "/sys")

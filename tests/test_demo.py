@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.timeout(300)
 def test_demo_runs_end_to_end_and_exits_zero(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "hetsched.cli", "demo", "--frames", "60"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "hetsched", "demo", "--frames", "60"], cwd=ROOT,
                        capture_output=True, text=True, timeout=280,
                        env={**__import__("os").environ, "HETSCHED_CACHE_DIR": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stdout + r.stderr

@@ -1,4 +1,4 @@
-"""Tests for the SCHED_FIFO duty-cycle little-core emulation (hetsched.emulation).
+"""Tests for the SCHED_FIFO duty-cycle little-core emulation (hetsched.host.emulation).
 
 Every co-runner a test starts is recorded and SIGKILLed by PID in a finalizer if it
 is still around: a leftover real-time co-runner would slow everything on its core.
@@ -18,8 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hetsched import emulation
-from hetsched.emulation import EmulatedCore, Emulator
+from hetsched.host import emulation as emulation
+from hetsched.host.emulation import EmulatedCore, Emulator
 from hetsched.errors import EmulationError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def wait_until(pred, timeout: float = 5.0, interval: float = 0.02) -> bool:
 def is_corunner(pid: int) -> bool:
     try:
         p = psutil.Process(pid)
-        return p.status() != psutil.STATUS_ZOMBIE and "hetsched.emulation" in " ".join(p.cmdline())
+        return p.status() != psutil.STATUS_ZOMBIE and "hetsched.host.emulation" in " ".join(p.cmdline())
     except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
         return False
 
@@ -111,7 +111,7 @@ def test_corunner_pinned_fifo_and_reaped(tracked):
         pid = emu.pids[0]
         p = psutil.Process(pid)
         assert p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-        assert "hetsched.emulation" in " ".join(p.cmdline())
+        assert "hetsched.host.emulation" in " ".join(p.cmdline())
         assert set(p.cpu_affinity()) == {CORE}
         assert os.sched_getscheduler(pid) == os.SCHED_FIFO
         assert os.sched_getparam(pid).sched_priority == emulation.DEFAULT_PRIORITY
@@ -179,7 +179,7 @@ def test_measured_slowdown_half_speed(tracked):
 
 HELPER = """
 import sys, time
-from hetsched.emulation import Emulator, EmulatedCore
+from hetsched.host.emulation import Emulator, EmulatedCore
 emu = Emulator([EmulatedCore({core}, 0.5)]).start()
 print(" ".join(map(str, emu.pids)), flush=True)
 time.sleep(60)
@@ -205,7 +205,7 @@ def test_corunner_dies_with_sigkilled_parent(tracked):
 def test_corunner_exits_if_parent_already_gone(tracked):
     # --parent-pid that is not our parent: the co-runner must exit at once, never spin.
     p = tracked.proc(subprocess.Popen(
-        [sys.executable, "-m", "hetsched.emulation", "--core", str(CORE), "--speed", "0.5",
+        [sys.executable, "-m", "hetsched.host.emulation", "--core", str(CORE), "--speed", "0.5",
          "--parent-pid", str(os.getppid() or 1)],
         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=child_env()))
     tracked.pid(p.pid)
@@ -217,7 +217,7 @@ def test_corunner_exits_if_parent_already_gone(tracked):
 def test_standalone_duration(tracked):
     t = time.monotonic()
     p = tracked.proc(subprocess.Popen(
-        [sys.executable, "-m", "hetsched.emulation", "--core", str(CORE), "--speed", "0.5",
+        [sys.executable, "-m", "hetsched.host.emulation", "--core", str(CORE), "--speed", "0.5",
          "--duration", "0.3"], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env()))
     tracked.pid(p.pid)
     _, err = p.communicate(timeout=10)

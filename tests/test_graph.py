@@ -9,8 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from hetsched.errors import ModelError
-from hetsched.graph import analyze, extract_stage, load_model, passthrough_names, random_inputs
-from hetsched.squeezenet import EXPECTED_PARAMS, FIRE_MODULES, build_squeezenet11, count_parameters
+from hetsched.model.graph import analyze, extract_stage, load_model, passthrough_names, random_inputs
+from hetsched.model.squeezenet import EXPECTED_PARAMS, FIRE_MODULES, build_squeezenet11, count_parameters
 
 
 def run(model, feed):

@@ -28,7 +28,7 @@ def start_service(tmp_path, config=CONFIG):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(config)
     sock = f"ipc://{tmp_path}/client.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "hetsched.cli", "start", "--config", str(cfg), "--bind", sock],
+    proc = subprocess.Popen([sys.executable, "-m", "hetsched", "start", "--config", str(cfg), "--bind", sock],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
 
@@ -83,7 +83,7 @@ def test_sigint_drains_and_stops_workers_and_corunners(tmp_path):
     kids = descendants(proc.pid)
     cmdlines = [" ".join(k.cmdline()) for k in kids]
     assert sum("multiprocessing" in c for c in cmdlines) >= 2, cmdlines   # 2 stage workers
-    assert any("hetsched.emulation" in c for c in cmdlines), cmdlines     # the little core's co-runner
+    assert any("hetsched.host.emulation" in c for c in cmdlines), cmdlines     # the little core's co-runner
     replies = feed_some(sock)
     assert all(r["type"] == "result" for r in replies)
     proc.send_signal(signal.SIGINT)
@@ -107,7 +107,7 @@ def test_sigkill_of_coordinator_leaves_no_process(tmp_path):
 def test_config_error_names_the_key(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("clusters:\n  big: {cores: [0]}\n  little: {cores: [1, 99]}\n")
-    r = subprocess.run([sys.executable, "-m", "hetsched.cli", "plan", "--config", str(cfg)],
+    r = subprocess.run([sys.executable, "-m", "hetsched", "plan", "--config", str(cfg)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "clusters.little.cores[1]: core 99 does not exist on this host" in r.stderr
@@ -119,14 +119,14 @@ def test_status_snapshot_of_a_running_service(tmp_path):
     proc, sock, lines = start_service(tmp_path)
     try:
         feed_some(sock, 4)
-        r = subprocess.run([sys.executable, "-m", "hetsched.cli", "status", "--connect", sock, "--json"],
+        r = subprocess.run([sys.executable, "-m", "hetsched", "status", "--connect", sock, "--json"],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         snap = json.loads(r.stdout)
         assert snap["completed"] == 4 and snap["workers"] == 2 and snap["uptime_s"] > 0
         assert [s["cluster"] for s in snap["stages"]] and all("utilization" in s for s in snap["stages"])
         assert snap["supervision"]["restarts"] == 0 and not snap["supervision"]["degraded"]
-        once = subprocess.run([sys.executable, "-m", "hetsched.cli", "status", "--connect", sock, "--once"],
+        once = subprocess.run([sys.executable, "-m", "hetsched", "status", "--connect", sock, "--once"],
                               capture_output=True, text=True, timeout=60)
         assert once.returncode == 0 and "health ok" in once.stdout, once.stdout + once.stderr
     finally:

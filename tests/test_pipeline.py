@@ -7,11 +7,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from hetsched.costs import flop_cost_table
-from hetsched.coordinator import Pipeline
+from hetsched.planning.costs import flop_cost_table
+from hetsched.runtime.pipeline import Pipeline
 from hetsched.errors import ShapeMismatch
-from hetsched.graph import random_inputs
-from hetsched.planner import ClusterSpec, Plan, Stage, TransferModel, plan_pipeline
+from hetsched.model.graph import random_inputs
+from hetsched.planning.planner import ClusterSpec, Plan, Stage, TransferModel, plan_pipeline
 
 from .conftest import SHARED_IMAGES, SHARED_MODEL, needs_shared, wait_for
 
@@ -151,8 +151,8 @@ def test_worker_stats_count_every_frame(squeezenet):
 def test_real_weights_top1_through_the_pipeline_with_preprocessing_stage():
     """Real ImageNet SqueezeNet from ../shared: encoded JPEGs go in, stage 0 decodes them."""
     from hetsched.config import InputConfig
-    from hetsched.graph import analyze, load_model
-    from hetsched.preprocess import top_k
+    from hetsched.model.graph import analyze, load_model
+    from hetsched.model.preprocess import top_k
 
     model = load_model(str(SHARED_MODEL))
     g = analyze(model)

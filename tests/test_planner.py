@@ -1,4 +1,4 @@
-"""Tests of hetsched.planner (pure, fast)."""
+"""Tests of hetsched.planning.planner (pure, fast)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hetsched.errors import PlanError
-from hetsched.planner import (
+from hetsched.planning.planner import (
     ClusterSpec,
     CostTable,
     Plan,

@@ -1,4 +1,4 @@
-"""Tests of hetsched.preprocess (pure, fast): decoding limits, preprocessing, top-k."""
+"""Tests of hetsched.model.preprocess (pure, fast): decoding limits, preprocessing, top-k."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile, ImageOps
 
-import hetsched.preprocess as pp
+import hetsched.model.preprocess as pp
 from hetsched.config import InputConfig
 from hetsched.errors import ConfigError, ProtocolError
-from hetsched.preprocess import (
+from hetsched.model.preprocess import (
     ImageLimits,
     decode_image,
     load_labels,

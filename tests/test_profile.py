@@ -28,7 +28,7 @@ def run_profile(tmp_path, name, cuts=""):
     cfg = tmp_path / f"{name}.yaml"
     cfg.write_text(CONFIG.format(cuts=cuts))
     out = tmp_path / name
-    r = subprocess.run([sys.executable, "-m", "hetsched.cli", "profile", "--config", str(cfg), "--duration", "3",
+    r = subprocess.run([sys.executable, "-m", "hetsched", "profile", "--config", str(cfg), "--duration", "3",
                         "--warmup", "1", "--out", str(out)], capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads((out / "report.json").read_text())

@@ -18,9 +18,9 @@ import psutil
 import pytest
 
 from hetsched.client import Client
-from hetsched.coordinator import Pipeline
-from hetsched.graph import random_inputs
-from hetsched.server import Server
+from hetsched.runtime.pipeline import Pipeline
+from hetsched.model.graph import random_inputs
+from hetsched.server.front import Server
 
 from .conftest import wait_for
 from .test_lifecycle import alive, descendants, start_service

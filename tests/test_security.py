@@ -34,18 +34,18 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from hetsched import client_protocol as cp
-from hetsched import keys_cli
-from hetsched import stage_protocol as sp
+from hetsched.wire import client_protocol as cp
+from hetsched.cli import keys as keys_cli
+from hetsched.wire import stage_protocol as sp
 from hetsched.client import Client
 from hetsched.config import InputConfig, LimitsConfig, load_config, parse_config
-from hetsched.coordinator import Pipeline
+from hetsched.runtime.pipeline import Pipeline
 from hetsched.errors import ConfigError, HetschedError, ProtocolError
-from hetsched.planner import Plan, Stage
-from hetsched.preprocess import ImageLimits, decode_image
-from hetsched.security import (LinkKeys, SecuritySettings, ServerAuth, apply_client, check_bind, check_link_bind,
+from hetsched.planning.planner import Plan, Stage
+from hetsched.model.preprocess import ImageLimits, decode_image
+from hetsched.wire.security import (LinkKeys, SecuritySettings, ServerAuth, apply_client, check_bind, check_link_bind,
                                generate_keys, secure_link_client, secure_link_server, start_link_authenticator)
-from hetsched.server import Server, ServerLimits, check_limits
+from hetsched.server.front import Server, ServerLimits, check_limits
 
 from .conftest import ROOT, wait_for
 
@@ -246,7 +246,7 @@ def test_network_binds_without_keys_are_refused(endpoint, keys, caplog):
     assert "hetsched keys generate" in msg and "insecure" in msg
     check_bind(endpoint, server_settings(keys))                    # keys: fine, silently
     assert not caplog.records
-    with caplog.at_level(logging.WARNING, logger="hetsched.security"):
+    with caplog.at_level(logging.WARNING, logger="hetsched.wire.security"):
         check_bind(endpoint, SecuritySettings(insecure=True))       # opt-out: fine, loudly
     assert any(r.levelno == logging.WARNING and "NO authentication" in r.getMessage() for r in caplog.records)
 
@@ -268,7 +268,7 @@ def test_server_refuses_a_network_bind_without_keys_and_allows_insecure_loudly(s
     stub = SimpleNamespace(graph=g)  # the Server only reads the graph before serving
     with pytest.raises(ConfigError, match="refusing to bind tcp://0.0.0.0"):
         Server(stub, "tcp://0.0.0.0:*")
-    with caplog.at_level(logging.WARNING, logger="hetsched.security"):
+    with caplog.at_level(logging.WARNING, logger="hetsched.wire.security"):
         srv = Server(stub, "tcp://0.0.0.0:*", security=SecuritySettings(insecure=True))
     try:
         assert srv.endpoint.startswith("tcp://0.0.0.0:")
@@ -290,7 +290,7 @@ def test_server_refuses_a_network_bind_without_keys_and_allows_insecure_loudly(s
 
 @pytest.mark.timeout(30)
 def test_running_service_refuses_before_any_worker_starts(squeezenet):
-    from hetsched.service import running_service
+    from hetsched.runtime.service import running_service
     _, g = squeezenet
     prep = SimpleNamespace(config=parse_config({"server": {"bind": "tcp://0.0.0.0:5555"}}), graph=g)
     with pytest.raises(ConfigError, match="server.bind: refusing to bind tcp://0.0.0.0:5555"):
@@ -392,7 +392,7 @@ def test_link_keys_admit_only_the_runs_processes_and_encrypt(caplog):
         # strangers: another run's keys, the right server key with a foreign client key, no CURVE
         other = LinkKeys.generate()
         stranger = LinkKeys(run.server_public, run.server_secret, other.client_public, other.client_secret)
-        with caplog.at_level(logging.WARNING, logger="hetsched.security"):
+        with caplog.at_level(logging.WARNING, logger="hetsched.wire.security"):
             for keys in (other, stranger, None):
                 connect(zmq.PUSH, ep, keys).send(b"forged frame")
                 connect(zmq.DEALER, ctl_ep, keys).send(b'{"type":"STOP"}')
@@ -423,7 +423,7 @@ def test_only_authorized_clients_are_served_over_tcp_with_curve(squeezenet, keys
     img = image_bytes("JPEG", seed=1)
     alice = keys["clients"]["alice"]
     mallory = keys["clients"]["mallory"]
-    with caplog.at_level(logging.WARNING, logger="hetsched.security"), \
+    with caplog.at_level(logging.WARNING, logger="hetsched.wire.security"), \
             service(squeezenet, security=server_settings(keys)) as svc:
         assert re.fullmatch(r"tcp://127\.0\.0\.1:\d+", svc.endpoint)
         assert svc.server.front.curve_server
@@ -480,7 +480,7 @@ def test_only_authorized_clients_are_served_over_tcp_with_curve(squeezenet, keys
         assert st["auth_rejected"] >= 6
         assert st["accepted"] == st["completed"] == 3 and st["rejected"] == 0 and st["busy"] == 0
         assert st["clients"] == 1
-    msgs = [r.getMessage() for r in caplog.records if r.name.startswith("hetsched.security")]
+    msgs = [r.getMessage() for r in caplog.records if r.name.startswith("hetsched.wire.security")]
     assert any("127.0.0.1" in m and zmq.auth.load_certificate(mallory["secret"])[0].decode() in m
                and "not authorized" in m for m in msgs), msgs
     assert any("does not speak CURVE" in m for m in msgs), msgs
@@ -827,7 +827,7 @@ def test_nothing_is_unpickled_or_evaluated():
     unsafe = re.compile(r"\bpickle\.(loads?|Unpickler)\b|^\s*import pickle|\bcPickle\b|\bmarshal\.loads?\b"
                         r"|(?<![\w.])eval\(|(?<![\w.])exec\(|\byaml\.(load|unsafe_load|full_load)\("
                         r"|allow_pickle\s*=\s*True|recv_pyobj|recv_serialized", re.M)
-    files = sorted((ROOT / "hetsched").glob("*.py")) + sorted((ROOT / "workers").glob("*.py"))
+    files = sorted((ROOT / "hetsched").rglob("*.py")) + sorted((ROOT / "workers").glob("*.py"))
     assert len(files) > 10
     hits = [(f.name, m.group(0)) for f in files for m in unsafe.finditer(f.read_text(encoding="utf-8"))]
     assert not hits, hits

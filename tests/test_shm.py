@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from hetsched.client import Client
-from hetsched.coordinator import Pipeline
+from hetsched.runtime.pipeline import Pipeline
 from hetsched.errors import ProtocolError
-from hetsched.graph import random_inputs
-from hetsched.server import Server
-from hetsched.shm import attach_region, create_region
+from hetsched.model.graph import random_inputs
+from hetsched.server.front import Server
+from hetsched.wire.shm import attach_region, create_region
 
 from .test_pipeline import manual_plan, reference
 

@@ -1,6 +1,6 @@
 """The supervision state machine, without processes: events in, actions out."""
 
-from hetsched.supervisor import Supervisor
+from hetsched.runtime.supervisor import Supervisor
 
 
 def kinds(actions):

@@ -1,4 +1,4 @@
-"""Tests for hetsched.topology against the fixture trees in tests/data/sysfs (see its README)."""
+"""Tests for hetsched.host.topology against the fixture trees in tests/data/sysfs (see its README)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hetsched.errors import TopologyError
-from hetsched.topology import (
+from hetsched.host.topology import (
     INTEL_E_CORE_DEFAULT_SPEED,
     Cluster,
     Topology,

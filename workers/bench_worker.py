@@ -174,7 +174,7 @@ def _fixed(sessions: list[_Session], fps: float, seconds: float) -> dict:
 def ort_main(spec_path: str) -> int:
     with open(spec_path, encoding="utf-8") as fh:
         spec = json.load(fh)
-    from hetsched.process_setup import die_with_parent
+    from hetsched.host.process import die_with_parent
     die_with_parent(spec["parent_pid"])
     all_cores = sorted({c for s in spec["sessions"] for c in s["cores"]})
     os.sched_setaffinity(0, set(all_cores))  # before anything creates a thread pool
@@ -216,7 +216,7 @@ def ort_main(spec_path: str) -> int:
 
 # ------------------------------------------------------------------------------------------ serve
 def serve_main(config_path: str, endpoint: str, parent_pid: int) -> int:
-    from hetsched.process_setup import die_with_parent
+    from hetsched.host.process import die_with_parent
     die_with_parent(parent_pid)
     stop = threading.Event()
 
@@ -227,8 +227,8 @@ def serve_main(config_path: str, endpoint: str, parent_pid: int) -> int:
     signal.signal(signal.SIGTERM, on_signal)
 
     from hetsched.config import load_config, resolve_clusters
-    from hetsched.service import emulation, prepare, running_service
-    from hetsched.topology import detect_topology
+    from hetsched.runtime.service import emulation, prepare, running_service
+    from hetsched.host.topology import detect_topology
 
     def progress(msg: str) -> None:
         print(f"  {msg}", file=sys.stderr, flush=True)

@@ -1,6 +1,6 @@
 """Cost-profiling process: pinned to one cluster's cores, times every layer's sub-model.
 
-Started with the ``spawn`` method by ``hetsched.cost_profiler``. It pins itself *before* creating
+Started with the ``spawn`` method by ``hetsched.profiling.measure``. It pins itself *before* creating
 any onnxruntime session, then for each thread count: warms up every session, and measures in
 rounds (each round runs every layer once, the whole model once, and an empty model once) so
 drift on the core hits all alike; medians are reported through the result queue.
@@ -77,7 +77,7 @@ def _time_models(ort, models: list[bytes], feeds: list[dict], threads: int, warm
 
 
 def _feeds(ort, models: list[bytes], inputs: list[list[dict]]) -> list[dict]:
-    from hetsched.graph import TensorInfo, random_inputs
+    from hetsched.model.graph import TensorInfo, random_inputs
     feeds = []
     for i, (mb, ins) in enumerate(zip(models, inputs)):
         x = random_inputs([TensorInfo.from_dict(t) for t in ins], seed=i)
@@ -130,7 +130,7 @@ def sample_jpeg(width: int = 640, height: int = 480) -> bytes:
 
 def _measure_preprocess(spec: dict, progress) -> float:
     from hetsched.config import InputConfig
-    from hetsched.preprocess import preprocess_encoded
+    from hetsched.model.preprocess import preprocess_encoded
     cfg = InputConfig(**spec["preprocess"])
     data = sample_jpeg()
     for _ in range(max(2, spec["warmup"])):
@@ -145,7 +145,7 @@ def _measure_preprocess(spec: dict, progress) -> float:
 
 def run(spec: dict, queue) -> None:
     """multiprocessing target: pin, measure, put ("ok", results) or ("error", message)."""
-    from hetsched.process_setup import die_with_parent
+    from hetsched.host.process import die_with_parent
     die_with_parent(spec["parent_pid"])
     try:
         os.sched_setaffinity(0, spec["cores"])

@@ -21,7 +21,7 @@ import time
 import traceback
 
 def main(spec: dict) -> int:
-    from hetsched.process_setup import die_with_parent, keep_large_buffers
+    from hetsched.host.process import die_with_parent, keep_large_buffers
     die_with_parent(spec["parent_pid"])
     keep_large_buffers()
     os.sched_setaffinity(0, spec["cores"])
@@ -39,10 +39,10 @@ def main(spec: dict) -> int:
     import zmq
 
     from hetsched.errors import ShapeMismatch
-    from hetsched.shm import RegionCache
-    from hetsched.stage_protocol import KIND_SHM, Hop, control, decode_header, encode_header, parse_control, views
+    from hetsched.wire.shm import RegionCache
+    from hetsched.wire.stage_protocol import KIND_SHM, Hop, control, decode_header, encode_header, parse_control, views
 
-    from hetsched.security import LinkKeys, secure_link_client, secure_link_server, start_link_authenticator
+    from hetsched.wire.security import LinkKeys, secure_link_client, secure_link_server, start_link_authenticator
 
     ctx = zmq.Context(io_threads=1)
     link_keys = LinkKeys.from_dict(spec.get("link_keys"))
@@ -75,7 +75,7 @@ def main(spec: dict) -> int:
         if spec.get("preprocess") is not None:
             # This stage also decodes images: encoded bytes (uint8, 1-D) become the model input.
             from hetsched.config import InputConfig
-            from hetsched.preprocess import ImageLimits, preprocess_encoded
+            from hetsched.model.preprocess import ImageLimits, preprocess_encoded
             prep_cfg = InputConfig(**spec["preprocess"])
             prep_limits = ImageLimits(**spec.get("image_limits", {}))
             prep = lambda data: preprocess_encoded(data, prep_cfg, prep_limits)  # noqa: E731

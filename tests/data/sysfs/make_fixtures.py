@@ -11,7 +11,7 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
-from hetsched.topology import format_cpulist  # noqa: E402
+from hetsched.host.topology import format_cpulist  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

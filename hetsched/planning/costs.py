@@ -1,6 +1,6 @@
 """Cost model (pure): turn per-layer measurements (or FLOP estimates) into the planner's CostTable.
 
-Measurements come from ``hetsched.cost_profiler`` (a process pinned to each cluster). For each
+Measurements come from ``hetsched.profiling.measure`` (a process pinned to each cluster). For each
 cluster we have, per measured thread count t, the median time of every layer run alone as its own
 sub-model, the median time of the whole model, and the median time of an empty run (onnxruntime's
 fixed per-call overhead). From these:
@@ -23,7 +23,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
-from hetsched.planner import CostTable
+from hetsched.planning.planner import CostTable
 
 # Python + zmq bookkeeping per frame in a stage worker (recv, header parse, encode, send, heartbeat),
 # ms on the fastest cluster; slower clusters pay it in proportion to their measured slowness.

@@ -34,7 +34,7 @@ MAGIC = b"HS"
 VERSION = 1
 KIND_DATA = 1
 KIND_ERROR = 2
-KIND_SHM = 3  # the one payload frame is a JSON reference to a shared-memory slot (see hetsched/shm.py)
+KIND_SHM = 3  # the one payload frame is a JSON reference to a shared-memory slot (see hetsched/wire/shm.py)
 
 _FIXED = struct.Struct("<2sBBBBHQd")
 _HOP = struct.Struct("<BBHddd")

@@ -100,7 +100,7 @@ class ModelGraph:
 def load_model(source: str | None) -> onnx.ModelProto:
     """Load ``builtin:squeezenet1.1`` (also the default for None) or an ONNX file path."""
     if source is None or source == BUILTIN_SQUEEZENET:
-        from hetsched.squeezenet import build_squeezenet11
+        from hetsched.model.squeezenet import build_squeezenet11
         return build_squeezenet11()
     if source.startswith(BUILTIN_PREFIX):
         raise ModelError(f"unknown built-in model {source!r}; available: {BUILTIN_SQUEEZENET}")

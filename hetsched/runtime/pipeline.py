@@ -31,12 +31,12 @@ import onnx
 import zmq
 
 from hetsched.errors import HetschedError, ProtocolError, ShapeMismatch, WorkerDied
-from hetsched.graph import ModelGraph, TensorInfo, extract_stage, passthrough_names
-from hetsched.planner import Plan
-from hetsched.process_setup import keep_large_buffers
-from hetsched.security import LinkKeys, secure_link_client, secure_link_server, start_link_authenticator
-from hetsched.supervisor import Supervisor
-from hetsched.stage_protocol import (KIND_DATA, KIND_SHM, Hop, control, decode_header, encode_header,
+from hetsched.model.graph import ModelGraph, TensorInfo, extract_stage, passthrough_names
+from hetsched.planning.planner import Plan
+from hetsched.host.process import keep_large_buffers
+from hetsched.wire.security import LinkKeys, secure_link_client, secure_link_server, start_link_authenticator
+from hetsched.runtime.supervisor import Supervisor
+from hetsched.wire.stage_protocol import (KIND_DATA, KIND_SHM, Hop, control, decode_header, encode_header,
                                      encode_header_desc, parse_control, views)
 
 log = logging.getLogger(__name__)
@@ -347,7 +347,7 @@ class Pipeline:
         return fid
 
     def submit_shm(self, ref: dict, dtype: str, shape: tuple[int, ...], tag: Any = None) -> int:
-        """Send a reference to an input in a shared-memory slot (``hetsched.shm``); stage 0 reads it there."""
+        """Send a reference to an input in a shared-memory slot (``hetsched.wire.shm``); stage 0 reads it there."""
         if [(dtype, tuple(shape))] != self._in_expected:
             raise ShapeMismatch(f"input {dtype}{list(shape)}, model expects {self._in_expected}")
         fid = self._next_id

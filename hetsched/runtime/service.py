@@ -16,12 +16,12 @@ import onnx
 from hetsched.config import Config, resolve_clusters
 import dataclasses
 
-from hetsched.costs import (DEFAULT_PREPROCESS_MS, TYPICAL_ENCODED_BYTES, ClusterMeasurement,
+from hetsched.planning.costs import (DEFAULT_PREPROCESS_MS, TYPICAL_ENCODED_BYTES, ClusterMeasurement,
                             coordinator_ms, cost_table_from_measurements, flop_cost_table, flop_sanity,
                             with_coordinator_overhead, with_preprocess_layer)
-from hetsched.graph import ModelGraph, analyze, load_model
-from hetsched.planner import ClusterSpec, CostTable, Plan, TransferModel, plan_pipeline
-from hetsched.topology import Cluster, Topology, detect_topology
+from hetsched.model.graph import ModelGraph, analyze, load_model
+from hetsched.planning.planner import ClusterSpec, CostTable, Plan, TransferModel, plan_pipeline
+from hetsched.host.topology import Cluster, Topology, detect_topology
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Prepared:
 
 
 def emulated_cores(clusters: Sequence[Cluster], period_ms: float | None = None) -> list:
-    from hetsched.emulation import EmulatedCore
+    from hetsched.host.emulation import EmulatedCore
     out = []
     for c in clusters:
         if c.emulated_speed is not None and c.emulated_speed < 1.0:
@@ -81,7 +81,7 @@ def emulation(clusters: Sequence[Cluster], period_ms: float | None = None,
     if not cores:
         yield None
         return
-    from hetsched.emulation import Emulator
+    from hetsched.host.emulation import Emulator
     emu = Emulator(cores)
     emu.start()
     if progress:
@@ -107,7 +107,7 @@ def prepare(cfg: Config, *, progress: Progress | None = None, sysfs_root: str = 
     warnings: list[str] = []
     bbytes = graph.boundary_bytes()
     if cfg.profile.measure:
-        from hetsched.cost_profiler import measure_clusters
+        from hetsched.profiling.measure import measure_clusters
         measurements = measure_clusters(model, graph, clusters, repeats=cfg.profile.repeats,
                                         warmup=cfg.profile.warmup,
                                         use_cache=cfg.profile.cache if use_cache is None else use_cache,
@@ -153,8 +153,8 @@ def refine_plan(cfg: Config, model, graph: ModelGraph, clusters, measurements, c
 
     Layers timed one by one miss what a whole stage does (fusion across layer boundaries, cache
     reuse, per-run overheads); this closes most of that gap for the stages actually chosen."""
-    from hetsched.cost_profiler import measure_stages
-    from hetsched.costs import rescale_range
+    from hetsched.profiling.measure import measure_stages
+    from hetsched.planning.costs import rescale_range
     p = cfg.planner
     empty = {m.cluster: m.empty_ms for m in measurements}
     seen: set = set()
@@ -209,10 +209,10 @@ def running_service(prep: Prepared, bind: str | None = None, *, with_preprocess:
     The config's ``security`` (CURVE keys, bind policy) and ``limits`` apply to the client socket;
     the image limits also to the decoding stage. A bind that the security policy refuses fails
     before any worker starts."""
-    from hetsched.coordinator import Pipeline
-    from hetsched.preprocess import ImageLimits
-    from hetsched.security import SecuritySettings, check_bind
-    from hetsched.server import Server, ServerLimits, check_limits
+    from hetsched.runtime.pipeline import Pipeline
+    from hetsched.model.preprocess import ImageLimits
+    from hetsched.wire.security import SecuritySettings, check_bind
+    from hetsched.server.front import Server, ServerLimits, check_limits
 
     cfg = prep.config
     bind = bind or cfg.server.bind

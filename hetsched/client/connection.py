@@ -23,9 +23,9 @@ from typing import Any, Iterator
 import numpy as np
 import zmq
 
-from hetsched import client_protocol as cp
+from hetsched.wire import client_protocol as cp
 from hetsched.errors import HetschedError
-from hetsched.security import SecuritySettings, apply_client
+from hetsched.wire.security import SecuritySettings, apply_client
 
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -126,7 +126,7 @@ class Client:
         """Use shared-memory input slots (services on ipc:// only): tensors are written into a
         /dev/shm region the service maps, and only a small header crosses the socket. Returns
         False (and keeps sending tensors over the socket) when the service does not offer it."""
-        from hetsched.shm import create_region
+        from hetsched.wire.shm import create_region
         inp = self.hello()["input"]
         nbytes = int(np.prod(inp["shape"])) * np.dtype(inp["dtype"]).itemsize
         region = create_region(slots, nbytes)

@@ -69,7 +69,7 @@ def _progress(quiet: bool) -> Callable[[str], None]:
 
 # ---------------------------------------------------------------------------------- topology
 def cmd_topology(args: argparse.Namespace) -> int:
-    from hetsched.topology import detect_topology, format_topology
+    from hetsched.host.topology import detect_topology, format_topology
     topo = detect_topology(args.sysfs_root)
     if args.config:
         import dataclasses
@@ -86,8 +86,8 @@ def cmd_topology(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------- plan
 def plan_report(prep) -> str:
-    from hetsched.graph import layer_table
-    from hetsched.planner import format_plan
+    from hetsched.model.graph import layer_table
+    from hetsched.planning.planner import format_plan
     lines = []
     for c in prep.clusters:
         emu = f"  EMULATED: delivers {c.emulated_speed:.0%} of its cycles" if c.emulated_speed else ""
@@ -102,10 +102,10 @@ def plan_report(prep) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from hetsched.service import emulation, prepare
+    from hetsched.runtime.service import emulation, prepare
     cfg = load_cfg(args)
     from hetsched.config import resolve_clusters
-    from hetsched.topology import detect_topology
+    from hetsched.host.topology import detect_topology
     clusters = resolve_clusters(cfg, detect_topology())
     with emulation(clusters, cfg.emulation_period_ms, _progress(args.json)):
         prep = prepare(cfg, progress=_progress(args.json), clusters=clusters, with_preprocess=args.preprocess)
@@ -119,7 +119,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         print(plan_report(prep))
         if args.layers:
-            from hetsched.graph import layer_table
+            from hetsched.model.graph import layer_table
             print("\n" + "\n".join(layer_table(prep.graph)))
     return 0
 
@@ -130,8 +130,8 @@ def _serve(args: argparse.Namespace, demo: Callable | None, finish: Callable | N
     """Prepare and run the service. With ``demo`` (a driver run in a thread as
     demo(endpoint, prep, result, stop)), stop when it returns and call finish(result, prep, server)."""
     from hetsched.config import resolve_clusters
-    from hetsched.service import emulation, pin_coordinator, prepare, running_service
-    from hetsched.topology import detect_topology
+    from hetsched.runtime.service import emulation, pin_coordinator, prepare, running_service
+    from hetsched.host.topology import detect_topology
 
     stop = StopFlag().install()
     cfg = load_cfg(args)
@@ -203,9 +203,9 @@ def demo_frames(n_images: int = 8):
 def _demo_client(n_frames: int) -> Callable:
     def run(endpoint: str, prep, result: dict, stop) -> None:
         from hetsched.client import Client
-        from hetsched.feed import feed
-        from hetsched.profile_cli import settled_stats
-        from hetsched.profile_report import build_report
+        from hetsched.client.feed import feed
+        from hetsched.cli.profile import settled_stats
+        from hetsched.observe.report import build_report
         try:
             frames = demo_frames()
             names = [n for n, _ in frames]
@@ -227,7 +227,7 @@ def _demo_client(n_frames: int) -> Callable:
 
 
 def _print_demo(result: dict, prep, server) -> None:
-    from hetsched.profile_report import format_report
+    from hetsched.observe.report import format_report
     reps = result.get("replies", [])
     if not reps:
         return
@@ -256,7 +256,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------- emulate
 def cmd_emulate(args: argparse.Namespace) -> int:
-    from hetsched.emulation import EmulatedCore, Emulator
+    from hetsched.host.emulation import EmulatedCore, Emulator
     stop = StopFlag().install()
     cores = [EmulatedCore(c, args.speed) for c in args.cores]
     with Emulator(cores) as emu:
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list:
     out = []
-    for mod in ("hetsched.feed", "hetsched.profile_cli", "hetsched.bench", "hetsched.keys_cli"):
+    for mod in ("hetsched.cli.feed", "hetsched.cli.profile", "hetsched.bench.run", "hetsched.cli.keys"):
         try:
             m = __import__(mod, fromlist=["add_parser"])
         except ImportError:

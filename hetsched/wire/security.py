@@ -296,7 +296,7 @@ class _CountingAuthenticator(ThreadAuthenticator):
     """pyzmq's ZAP handler thread that also reports every denied request (with the peer address)."""
 
     def __init__(self, context: zmq.Context, rejections: RejectionLog, what: str):
-        super().__init__(context, log=logging.getLogger("hetsched.security.zap"))
+        super().__init__(context, log=logging.getLogger("hetsched.wire.security.zap"))
         self.rejections, self.what = rejections, what
         self.denied = 0
         self._current: tuple[str, str, str] | None = None

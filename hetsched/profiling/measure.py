@@ -21,10 +21,10 @@ from typing import Callable, Sequence
 
 import onnx
 
-from hetsched.costs import ClusterMeasurement, thread_counts_to_measure
+from hetsched.planning.costs import ClusterMeasurement, thread_counts_to_measure
 from hetsched.errors import HetschedError
-from hetsched.graph import ModelGraph, extract_stage
-from hetsched.topology import Cluster
+from hetsched.model.graph import ModelGraph, extract_stage
+from hetsched.host.topology import Cluster
 
 log = logging.getLogger(__name__)
 

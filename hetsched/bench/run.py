@@ -91,7 +91,7 @@ class Scenario:
     name: str
     raw: dict                 # the config as a plain mapping (what the service gets, minus emulation)
     cfg: Any                  # hetsched.config.Config
-    clusters: list            # hetsched.topology.Cluster, with emulated_speed where emulated
+    clusters: list            # hetsched.host.topology.Cluster, with emulated_speed where emulated
     source: str               # "built-in" or the config path
 
     @property
@@ -176,7 +176,7 @@ def config_scenario(path: str, model: str | None = None) -> Scenario:
 
 def _resolve(cfg) -> list:
     from hetsched.config import resolve_clusters
-    from hetsched.topology import detect_topology
+    from hetsched.host.topology import detect_topology
     return resolve_clusters(cfg, detect_topology())
 
 
@@ -450,7 +450,7 @@ def _pool_frames(pool: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
 
 def hetsched_saturate(client, pool: np.ndarray, seconds: float, window: int, stream: str,
                       on_progress: Callable | None = None) -> dict:
-    from hetsched.feed import feed
+    from hetsched.client.feed import feed
     times: list[float] = []
     c0 = time.thread_time()
     t0 = time.monotonic()
@@ -512,7 +512,7 @@ def hetsched_fixed(client, pool: np.ndarray, fps: float, seconds: float, stream:
 def hetsched_unloaded(client, pool: np.ndarray, seconds: float) -> dict:
     """One frame at a time: where a lone frame's latency goes (client socket, each stage's transfer-in and
     compute, the rest of the coordinator's path), medians in ms."""
-    from hetsched.feed import feed
+    from hetsched.client.feed import feed
     reps: list[dict] = []
     stats = feed(client, _pool_frames(pool), fps=None, duration=seconds, count=None, window=1, stream="unloaded",
                  on_result=lambda name, rep: reps.append(rep), reply_timeout=30.0)
@@ -584,8 +584,8 @@ def _ort_specs(sc: Scenario) -> dict[str, list[dict]]:
 
 def run_scenario(sc: Scenario, opts: BenchOptions, note: Progress) -> dict:
     from hetsched.client import Client
-    from hetsched.graph import load_model
-    from hetsched.service import emulation
+    from hetsched.model.graph import load_model
+    from hetsched.runtime.service import emulation
 
     import yaml
 
@@ -1130,7 +1130,7 @@ def write_markdown(result: dict, path: str) -> None:
           "to whichever is free. Frames come from an in-process pool (no IPC): that is how these set-ups are used.",
           "- **hetsched**: the service runs in its own process (`python -m workers.bench_worker serve`: plan for "
           "raw tensors, no preprocessing layer, cost cache off so the emulated cores are measured as slow); frames "
-          "go through the client socket (`hetsched.client.Client` + `hetsched.feed.feed`, window 2 x workers + 2); "
+          "go through the client socket (`hetsched.client.Client` + `hetsched.client.feed.feed`, window 2 x workers + 2); "
           "the client uses shared-memory input slots (`Client.enable_shm`, a local client's fastest path: the "
           "tensor is written to /dev/shm and only a header crosses the socket) unless `--no-shm` is given.",
           "- **limit**: each core alone, one single-threaded pinned session, back to back, summed.",
@@ -1211,7 +1211,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from hetsched.cli import eprint
+    from hetsched.cli.main import eprint
     opts = options_from_args(args)
     opts.progress = lambda msg: eprint(f"  {msg}")
     result = run_bench(opts)

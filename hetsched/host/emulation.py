@@ -39,7 +39,7 @@ call :meth:`Emulator.start` from a thread that lives as long as the emulation
 
 Library use::
 
-    from hetsched.emulation import EmulatedCore, Emulator
+    from hetsched.host.emulation import EmulatedCore, Emulator
     with Emulator([EmulatedCore(core=1, speed=0.5)]) as emu:
         ...            # everything on core 1 now runs at ~half speed
     # co-runners killed and reaped here (also at interpreter exit)
@@ -52,12 +52,12 @@ A CLI wrapper is a few lines::
 
 Standalone (benchmarks; the process itself becomes the co-runner)::
 
-    python -m hetsched.emulation --core 1 --speed 0.5 --duration 30
-    python -m hetsched.emulation --core 1 --speed 0.33            # until Ctrl+C
+    python -m hetsched.host.emulation --core 1 --speed 0.5 --duration 30
+    python -m hetsched.host.emulation --core 1 --speed 0.33            # until Ctrl+C
 
 Needs permission for SCHED_FIFO (root or CAP_SYS_NICE / RLIMIT_RTPRIO and a
 non-zero RT budget in the cgroup).  The co-runner command line always contains
-``-m hetsched.emulation`` so leftovers are easy to find (``pgrep -f hetsched.emulation``).
+``-m hetsched.host.emulation`` so leftovers are easy to find (``pgrep -f hetsched.host.emulation``).
 """
 
 from __future__ import annotations
@@ -239,7 +239,7 @@ class Emulator:
             return self
 
     def _spawn(self, ec: EmulatedCore) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "hetsched.emulation",
+        cmd = [sys.executable, "-m", "hetsched.host.emulation",
                "--core", str(ec.core), "--speed", repr(float(ec.speed)),
                "--period-ms", repr(float(ec.period_ms)),
                "--priority", str(self.priority),
@@ -438,7 +438,7 @@ def corunner_main(core: int, speed: float, period_ms: float, parent_pid: Optiona
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m hetsched.emulation",
+        prog="python -m hetsched.host.emulation",
         description="Real-time duty-cycle co-runner: make CORE behave like a core of relative speed SPEED.")
     ap.add_argument("--core", type=int, required=True, help="CPU to slow down")
     ap.add_argument("--speed", type=float, required=True,

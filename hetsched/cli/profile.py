@@ -30,8 +30,8 @@ def drive_and_measure(endpoint: str, *, duration: float, fps: float | None, warm
     """Connect, warm up, snapshot, drive load for ``duration`` s, snapshot, fetch the trace; return
     {"report": ..., "trace": ...}."""
     from hetsched.client import Client
-    from hetsched.feed import feed, file_frames, image_files, synthetic_frames
-    from hetsched.profile_report import build_report
+    from hetsched.client.feed import feed, file_frames, image_files, synthetic_frames
+    from hetsched.observe.report import build_report
 
     with Client(endpoint, timeout=30, server_public_key=server_key, client_secret_key_file=client_key) as c:
         hello = c.hello()
@@ -59,8 +59,8 @@ def drive_and_measure(endpoint: str, *, duration: float, fps: float | None, warm
 
 
 def write_outputs(out_dir: str, result: dict, extra: dict) -> list[str]:
-    from hetsched.plots import balance_png
-    from hetsched.profile_report import chrome_trace
+    from hetsched.observe.plots import balance_png
+    from hetsched.observe.report import chrome_trace
     os.makedirs(out_dir, exist_ok=True)
     report = {**result["report"], **extra}
     paths = [os.path.join(out_dir, n) for n in ("report.json", "trace.json", "balance.png")]
@@ -73,8 +73,8 @@ def write_outputs(out_dir: str, result: dict, extra: dict) -> list[str]:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from hetsched.cli import StopFlag, _serve, eprint
-    from hetsched.profile_report import format_report
+    from hetsched.cli.main import StopFlag, _serve, eprint
+    from hetsched.observe.report import format_report
 
     images = args.images
     tty = sys.stderr.isatty()
@@ -117,10 +117,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from hetsched.cli import StopFlag, eprint
+    from hetsched.cli.main import StopFlag, eprint
     from hetsched.client import Client
-    from hetsched.report import format_stage_table
-    from hetsched.keys_cli import client_key_options
+    from hetsched.observe.tables import format_stage_table
+    from hetsched.cli.keys import client_key_options
     stop = StopFlag().install()
     with Client(args.connect, timeout=args.timeout, **client_key_options(args)) as c:
         if args.json:
@@ -158,7 +158,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub, common) -> None:
-    from hetsched.keys_cli import add_client_key_arguments
+    from hetsched.cli.keys import add_client_key_arguments
     sp = sub.add_parser("profile", help="drive load and report stage balance, predicted vs measured")
     common(sp)
     sp.add_argument("--connect", help="attach to a running service instead of starting one")

@@ -18,11 +18,11 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from hetsched import client_protocol as cp
-from hetsched.coordinator import FrameResult, Pipeline
+from hetsched.wire import client_protocol as cp
+from hetsched.runtime.pipeline import FrameResult, Pipeline
 from hetsched.errors import ConfigError, ProtocolError
-from hetsched.preprocess import ImageLimits, load_labels, looks_like_probabilities, sniff_format, top_k
-from hetsched.security import SecuritySettings, ServerAuth, check_bind, uses_curve
+from hetsched.model.preprocess import ImageLimits, load_labels, looks_like_probabilities, sniff_format, top_k
+from hetsched.wire.security import SecuritySettings, ServerAuth, check_bind, uses_curve
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class _Client:
     frames: int = 0
     last_seen: float = 0.0
     delivered: dict[str, int] = field(default_factory=dict)  # stream -> last seq replied
-    regions: dict[int, Any] = field(default_factory=dict)    # shared-memory input regions (hetsched.shm)
+    regions: dict[int, Any] = field(default_factory=dict)    # shared-memory input regions (hetsched.wire.shm)
 
 
 @dataclass
@@ -298,7 +298,7 @@ class Server:
     def _register_shm(self, client: _Client, msg: dict) -> dict:
         """A local client's shared-memory input region (zero-copy input path, ipc:// only: a tcp peer
         must not name another process's memory)."""
-        from hetsched.shm import attach_region
+        from hetsched.wire.shm import attach_region
         if not self.endpoint.startswith("ipc://"):
             raise ProtocolError("BAD_SHM", "shared-memory input is only offered on ipc:// sockets")
         if len(client.regions) >= 4:

@@ -1,0 +1,91 @@
+"""``hetsched feed``: stream images (files, a directory, synthetic frames, a video) into a running
+service over its client socket, with a live progress line and a final summary (``--json``: one
+JSON object per result, then the summary)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Iterator
+
+from hetsched.client.feed import FeedStats, feed, file_frames, image_files, synthetic_frames, video_frames
+from hetsched.errors import HetschedError
+
+
+def cmd_feed(args: argparse.Namespace) -> int:
+    from hetsched.cli.main import StopFlag, eprint
+    from hetsched.client import Client
+
+    from hetsched.cli.keys import client_key_options
+    stop = StopFlag().install()
+    with Client(args.connect, timeout=args.timeout, **client_key_options(args)) as client:
+        hello = client.hello()
+        if args.shm and not client.enable_shm(args.window + 2):
+            eprint("note: the service does not offer shared-memory input here (ipc:// only); sending over the socket")
+        if args.synthetic:
+            inp = hello["input"]
+            frames: Iterator = synthetic_frames(tuple(inp["shape"]), inp["dtype"])
+        elif args.video:
+            frames = video_frames(args.video, args.loop)
+        elif args.images or args.files:
+            frames = file_frames(image_files((args.images or []) + (args.files or [])), args.loop)
+        else:
+            raise HetschedError("give --images DIR, --files F.., --video F or --synthetic")
+        tty = sys.stderr.isatty()
+
+        def on_result(name: str, rep: dict) -> None:
+            if args.json:
+                out = {"type": rep["type"], "source": name, "stream": rep.get("stream"), "seq": rep.get("seq")}
+                if rep["type"] == "result":
+                    out.update(top_k=rep["top_k"], latency_ms=rep["latency_ms"], stages=rep["stages"])
+                else:
+                    out.update(code=rep.get("code"), message=rep.get("message"))
+                print(json.dumps(out), flush=True)
+            elif rep["type"] == "error":
+                eprint(f"\n{name}: error {rep.get('code')}: {rep.get('message')}")
+            elif args.show:
+                top = rep["top_k"][0] if rep["top_k"] else {}
+                label = f" {top.get('label')}" if top.get("label") else ""
+                print(f"{name}: {top.get('index')}{label} ({top.get('score', 0):.3f})  {rep['latency_ms']:.1f} ms",
+                      flush=True)
+
+        def on_progress(stats: FeedStats) -> None:
+            if tty:
+                eprint("\r  " + stats.line() + "   ", end="")
+
+        stats = feed(client, frames, fps=args.fps, duration=args.duration, count=args.count, window=args.window,
+                     stream=args.stream, on_result=on_result, on_progress=on_progress, should_stop=stop,
+                     reply_timeout=args.timeout)
+    summary = stats.summary()
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    else:
+        if tty:
+            eprint("")
+        print("summary: " + stats.line() + f"  ({summary['seconds']:.1f} s)")
+    return 0 if stats.errors == 0 else 1
+
+
+def add_parser(sub, common) -> None:
+    sp = sub.add_parser("feed", help="stream images into a running service and report results")
+    sp.add_argument("--connect", default="tcp://127.0.0.1:5555", help="the service's client socket")
+    src = sp.add_argument_group("source (one of)")
+    src.add_argument("--images", nargs="+", help="image directories or files (JPEG/PNG)")
+    src.add_argument("--files", nargs="+", help="image files")
+    src.add_argument("--video", help="a video file (needs opencv-python-headless)")
+    src.add_argument("--synthetic", action="store_true", help="random raw tensors of the model's input shape")
+    sp.add_argument("--loop", action="store_true", help="repeat the images")
+    sp.add_argument("--fps", type=float, default=None, help="target frames/s (default: as fast as allowed)")
+    sp.add_argument("--duration", type=float, default=None, help="stop sending after this many seconds")
+    sp.add_argument("--count", type=int, default=None, help="stop after sending this many frames")
+    sp.add_argument("--window", type=int, default=8, help="max frames in flight")
+    sp.add_argument("--stream", default="feed", help="stream name")
+    sp.add_argument("--json", action="store_true", help="one JSON line per result, then a summary line")
+    sp.add_argument("--shm", action="store_true",
+                    help="raw tensors through shared memory (same host, ipc:// service): no tensor copies on the socket")
+    sp.add_argument("--show", action="store_true", help="print each result's top-1")
+    sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a reply")
+    from hetsched.cli.keys import add_client_key_arguments
+    add_client_key_arguments(sp)
+    sp.set_defaults(func=cmd_feed)
