@@ -63,14 +63,9 @@ class _Session(threading.Thread):
     def run(self) -> None:
         try:
             os.sched_setaffinity(0, set(self.cores))  # this thread only; ORT's pool threads inherit it
-            import onnxruntime as ort
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = self.threads
-            so.inter_op_num_threads = 1
-            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            so.log_severity_level = 3
-            self.sess = ort.InferenceSession(self.model_path, so, providers=["CPUExecutionProvider"])
+            from hetsched.host.ort import create_session
+            # default spinning (as a user of onnxruntime gets it): the baseline is onnxruntime as shipped
+            self.sess = create_session(self.model_path, self.threads, spinning=True)
             for i in range(self.warmup):
                 self.infer(i)
         except Exception as exc:  # reported by the main thread

@@ -15,15 +15,8 @@ import time
 
 
 def _session(ort, model_bytes: bytes, threads: int):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    if threads == 1:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    from hetsched.host.ort import create_session
+    return create_session(model_bytes, threads)
 
 
 def _empty_model() -> bytes:

@@ -550,23 +550,19 @@ def hetsched_check(client, pool: np.ndarray, reference: np.ndarray, n: int = 4) 
 
 # ------------------------------------------------------------------------------------------ one scenario
 def _reference(model_bytes: bytes, pool: np.ndarray, input_name: str) -> np.ndarray:
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    from hetsched.host.ort import create_session
+    sess = create_session(model_bytes, 1)
     return np.stack([sess.run(None, {input_name: x})[0] for x in pool])
 
 
 def _model_io(model_bytes: bytes) -> tuple[str, list[int], str]:
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    from hetsched.host.ort import create_session
+    from hetsched.wire.dtypes import ORT_TO_NUMPY
+    sess = create_session(model_bytes, 1)
     inp = sess.get_inputs()[0]
     if not all(isinstance(d, int) for d in inp.shape):
         raise HetschedError(f"model input {inp.name} has a dynamic shape {inp.shape}; the benchmark needs a static one")
-    dtype = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}.get(inp.type)
+    dtype = ORT_TO_NUMPY.get(inp.type)
     if dtype is None:
         raise HetschedError(f"model input type {inp.type} is not supported by the benchmark")
     return inp.name, list(inp.shape), dtype

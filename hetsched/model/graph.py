@@ -26,6 +26,7 @@ import onnx
 from onnx import numpy_helper, shape_inference
 
 from hetsched.errors import ModelError
+from hetsched.wire.dtypes import ONNX_TO_NUMPY
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_SQUEEZENET = "builtin:squeezenet1.1"
@@ -36,11 +37,6 @@ FUSABLE_FOLLOWERS = frozenset({
     "BatchNormalization", "PRelu", "Softplus", "Mish", "Gelu",
 })
 
-_ONNX_TO_NUMPY = {
-    onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.DOUBLE: "float64",
-    onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT32: "int32",
-    onnx.TensorProto.INT64: "int64", onnx.TensorProto.BOOL: "bool",
-}
 
 
 @dataclass(frozen=True)
@@ -132,7 +128,7 @@ def _tensor_infos(model: onnx.ModelProto) -> dict[str, TensorInfo]:
             dims.append(int(d.dim_value))
         if dims is None:
             continue
-        dtype = _ONNX_TO_NUMPY.get(tt.elem_type)
+        dtype = ONNX_TO_NUMPY.get(tt.elem_type)
         if dtype is None:
             continue
         infos[vi.name] = TensorInfo(vi.name, dtype, tuple(dims))

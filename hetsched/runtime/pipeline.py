@@ -36,14 +36,12 @@ from hetsched.planning.planner import Plan
 from hetsched.host.process import keep_large_buffers
 from hetsched.wire.security import LinkKeys, secure_link_client, secure_link_server, start_link_authenticator
 from hetsched.runtime.supervisor import Supervisor
+from hetsched.wire.dtypes import ORT_TO_NUMPY
 from hetsched.wire.stage_protocol import (KIND_DATA, KIND_SHM, Hop, control, decode_header, encode_header,
                                      encode_header_desc, parse_control, views)
 
 log = logging.getLogger(__name__)
 
-ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
-             "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(int32)": "int32",
-             "tensor(int64)": "int64", "tensor(bool)": "bool"}
 
 
 def describe_exit(code: int | None) -> str:
@@ -112,7 +110,7 @@ def _ort_shape_ok(reported: dict, expected: TensorInfo) -> bool:
     for got, want in zip(shape, expected.shape):
         if isinstance(got, int) and got != want:
             return False
-    return ORT_TYPES.get(reported["type"]) == expected.dtype
+    return ORT_TO_NUMPY.get(reported["type"]) == expected.dtype
 
 
 class Pipeline:

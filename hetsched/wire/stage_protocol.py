@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from hetsched.errors import ProtocolError, ShapeMismatch
+from hetsched.wire.dtypes import WIRE_CODES, WIRE_DTYPES
 
 MAGIC = b"HS"
 VERSION = 1
@@ -40,8 +41,7 @@ _FIXED = struct.Struct("<2sBBBBHQd")
 _HOP = struct.Struct("<BBHddd")
 _TDESC = struct.Struct("<BB")
 
-DTYPE_CODES = {"float32": 1, "float16": 2, "float64": 3, "int8": 4, "uint8": 5, "int32": 6, "int64": 7, "bool": 8}
-CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+DTYPE_CODES, CODE_DTYPES = WIRE_CODES, WIRE_DTYPES
 MAX_DIMS = 8
 
 
