@@ -6,7 +6,8 @@ Schema (every key optional; see configs/*.yaml for commented examples)::
     clusters: auto                    # detect from sysfs, or a mapping name -> {cores: [..], speed: s}
     emulate_big_little:               # only with clusters: auto on a host with ONE kind of core:
       little_speed: 0.5               #   split the cores into a big half and an emulated little half
-    planner: {max_stages: 4, tie_tolerance: 0.02, allow_replicas: true, max_cut_tensors: 1, forced_cuts: null}
+    planner: {max_stages: 4, tie_tolerance: 0.02, allow_replicas: true, allow_pools: true, max_cut_tensors: 1,
+              forced_cuts: null, objective: throughput, target_fps: null, traffic: auto}
     profile: {repeats: 30, warmup: 5, cache: true, cache_dir: null, measure: true, refine: 2}
     transport: {kind: ipc, host: 127.0.0.1, hwm: 1}
     server: {bind: tcp://127.0.0.1:5555, max_inflight: null, max_pending: 64}
@@ -46,8 +47,12 @@ class PlannerConfig:
     max_stages: int | None = 4
     tie_tolerance: float = 0.02
     allow_replicas: bool = True
+    allow_pools: bool = True          # a stage may be served by workers on several clusters
     max_cut_tensors: int = 1
     forced_cuts: tuple[int, ...] | None = None
+    objective: str = "throughput"     # or "latency": the lowest p99 that sustains target_fps
+    target_fps: float | None = None
+    traffic: str = "auto"             # plan for: auto (what clients send; raw until seen), raw, encoded
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,12 @@ def _float(lo: float, hi: float) -> Any:
     return conv
 
 
+def _opt_float(lo: float, hi: float) -> Any:
+    def conv(v: Any, key: str) -> float | None:
+        return None if v is None else _float(lo, hi)(v, key)
+    return conv
+
+
 def _bool(v: Any, key: str) -> bool:
     return _expect(v, bool, key, "true or false")
 
@@ -279,7 +290,12 @@ def parse_config(raw: Any, path: str | None = None) -> Config:
             raise ConfigError("emulate_big_little: only valid with clusters: auto (give 'speed' per cluster instead)")
     planner = _section(raw, "planner", PlannerConfig, {
         "max_stages": _opt_int(1), "tie_tolerance": _float(0.0, 1.0), "allow_replicas": _bool,
-        "max_cut_tensors": _int(1), "forced_cuts": _cuts})
+        "allow_pools": _bool, "max_cut_tensors": _int(1), "forced_cuts": _cuts,
+        "objective": _choice("throughput", "latency"), "target_fps": _opt_float(0.1, 1e6),
+        "traffic": _choice("auto", "raw", "encoded")})
+    if planner.objective == "latency" and planner.target_fps is None:
+        raise ConfigError("planner.target_fps: missing (objective 'latency' plans the lowest p99 that sustains "
+                          "this rate, e.g. target_fps: 30)")
     profile = _section(raw, "profile", ProfileConfig, {
         "repeats": _int(3), "warmup": _int(0), "cache": _bool, "cache_dir": _opt_str, "measure": _bool,
         "refine": _int(0)})

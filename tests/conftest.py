@@ -29,6 +29,28 @@ def wait_for(cond, timeout: float = 10.0, interval: float = 0.02, what: str = "c
         time.sleep(interval)
 
 
+def manual_plan(g, stages, names=None):
+    """A plan built by hand: [(cores, first, last, threads, replicas)] (one member) or
+    [(first, last, [(cores, threads, replicas), ...])] (a pool); cores may repeat across stages."""
+    from hetsched.planning.plan import Member, Plan, Stage
+    out = []
+    for i, st in enumerate(stages):
+        if len(st) == 5:
+            cores, a, b, t, r = st
+            members = [(cores, t, r)]
+        else:
+            a, b, members = st
+        out.append(Stage.of(i, a, b, [Member(f"c{i}m{j}", tuple(c), t, r, 1.0 + j, 0.0)
+                                      for j, (c, t, r) in enumerate(members)]))
+    return Plan.of(out, tuple(names or g.layer_names))
+
+
+def topk5():
+    """The last stage reports the top-5 of output 0 (softmax applied), as the service configures it."""
+    from hetsched.runtime.spec import TopkSpec
+    return TopkSpec(0, 5, True)
+
+
 @pytest.fixture(scope="session")
 def squeezenet():
     from hetsched.model.graph import analyze

@@ -34,11 +34,10 @@ from hetsched.client import Client
 from hetsched.config import InputConfig
 from hetsched.runtime.pipeline import Pipeline
 from hetsched.model.graph import random_inputs
-from hetsched.planning.planner import Plan, Stage
 from hetsched.model.preprocess import ImageLimits, preprocess_encoded
 from hetsched.server.front import Server, ServerLimits
 
-from .conftest import ROOT, wait_for
+from .conftest import ROOT, manual_plan, topk5, wait_for
 
 DOC = ROOT / "docs" / "protocol.md"
 N_CLASSES = 1000
@@ -48,18 +47,9 @@ N_CLASSES = 1000
 # helpers
 
 
-def make_plan(g, stages, preprocess: bool = True) -> Plan:
-    """A hand-built plan: [(cores, first, last, replicas)]; with ``preprocess`` layer 0 is the
-    preprocessing layer and graph layer i is plan layer i + 1."""
-    names = (("preprocess",) if preprocess else ()) + tuple(g.layer_names)
-    out = [Stage(i, f"c{i}", tuple(cores), a, b, 1, r, 1.0, 0.0, 1.0, 1.0 / r)
-           for i, (cores, a, b, r) in enumerate(stages)]
-    return Plan(tuple(out), 1.0, 1000.0, float(len(out)), 1.0, names)
-
-
-TWO_STAGES = [((0,), 0, 11, 1), ((1,), 12, 23, 1)]            # preprocess + graph 0..10 | graph 11..22
-REPLICATED = [((0,), 0, 11, 1), ((0, 1), 12, 23, 2)]          # second stage: two replicas
-RAW_TWO_STAGES = [((0,), 0, 10, 1), ((1,), 11, 22, 1)]        # no preprocessing layer
+TWO_STAGES = [((0,), 0, 10, 1, 1), ((1,), 11, 22, 1, 1)]        # stage 0 also decodes images
+REPLICATED = [((0,), 0, 10, 1, 1), ((0, 1), 11, 22, 1, 2)]      # second stage: two replicas
+RAW_TWO_STAGES = TWO_STAGES                                     # (run without preprocessing)
 
 
 def image_bytes(fmt: str, w: int = 96, h: int = 80, seed: int = 0) -> bytes:
@@ -104,7 +94,7 @@ def check_result(rep: dict, stream: str | None = None, seq: int | None = None, n
     assert rep["latency_ms"] > 0
     assert [s["stage"] for s in rep["stages"]] == list(range(n_stages))
     for s in rep["stages"]:
-        assert s["queue_ms"] >= 0 and s["compute_ms"] > 0 and s["replica"] >= 0
+        assert s["queue_ms"] >= 0 and s["compute_ms"] > 0 and s["worker"] >= 0
 
 
 @dataclass
@@ -136,8 +126,8 @@ def running_service(squeezenet, tmp_path, *, stages=TWO_STAGES, preprocess: bool
         sock_dir = own_dir = tempfile.mkdtemp(prefix="hs-cs-")
     labels = Path(sock_dir) / "labels.txt"
     labels.write_text("".join(f"n{i:08d} class {i}\n" for i in range(N_CLASSES)))
-    pipe = Pipeline(model, g, make_plan(g, stages, preprocess), max_inflight=max_inflight,
-                    heartbeat_timeout=heartbeat_timeout,
+    pipe = Pipeline(model, g, manual_plan(g, stages), max_inflight=max_inflight,
+                    heartbeat_timeout=heartbeat_timeout, topk=topk5(),
                     preprocess=InputConfig() if preprocess else None, image_limits=ImageLimits() if preprocess else None)
     server = thread = None
     stop = threading.Event()

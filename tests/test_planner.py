@@ -17,6 +17,7 @@ from hetsched.planning.planner import (
     ClusterSpec,
     CostTable,
     Plan,
+    StageSpec,
     TransferModel,
     evaluate_stages,
     format_plan,
@@ -74,7 +75,8 @@ def random_case(rng: random.Random, n_max=8, k_max=3, c_max=3):
     return costs, clusters, transfer
 
 
-def check_invariants(plan: Plan, costs: CostTable, clusters, transfer, max_stages=None, allow_replicas=True):
+def check_invariants(plan: Plan, costs: CostTable, clusters, transfer, max_stages=None, allow_replicas=True,
+                     allow_pools=True):
     n = len(costs.layer_names)
     assert plan.stages, "plan has no stages"
     covered = []
@@ -87,31 +89,35 @@ def check_invariants(plan: Plan, costs: CostTable, clusters, transfer, max_stage
     all_cores = [c for s in plan.stages for c in s.cores]
     assert len(all_cores) == len(set(all_cores)), "cores shared between stages"
     for s in plan.stages:
-        assert s.cluster in by_name
-        assert set(s.cores) <= set(by_name[s.cluster].cores)
-        assert len(s.cores) >= 1
-        assert s.replicas >= 1 and s.threads >= 1
-        assert s.replicas * s.threads == len(s.cores)
-        if not allow_replicas:
-            assert s.replicas == 1
-        rc = s.replica_cores()
-        assert len(rc) == s.replicas and all(len(x) == s.threads for x in rc)
-        assert tuple(c for x in rc for c in x) == s.cores
-        # metrics recomputed independently
-        comp = sum(costs.layer_ms[s.cluster][s.threads][i] for i in s.layer_range()) + costs.stage_overhead_ms.get(
-            s.cluster, 0.0
-        )
-        xfer = transfer.cost_ms(costs.boundary_bytes[s.first_layer]) + transfer.cost_ms(
-            costs.boundary_bytes[s.last_layer + 1]
-        )
-        assert s.compute_ms == pytest.approx(comp, rel=1e-9, abs=1e-12)
-        assert s.transfer_ms == pytest.approx(xfer, rel=1e-9, abs=1e-12)
-        assert s.service_ms == pytest.approx(s.compute_ms + s.transfer_ms, rel=1e-12)
-        assert s.period_ms == pytest.approx(s.service_ms / s.replicas, rel=1e-12)
+        assert s.members
+        assert len({m.cluster for m in s.members}) == len(s.members), "one member per cluster"
+        if not allow_pools:
+            assert len(s.members) == 1
+        rate = 0.0
+        for m in s.members:
+            assert m.cluster in by_name
+            assert set(m.cores) <= set(by_name[m.cluster].cores)
+            assert m.replicas >= 1 and m.threads >= 1
+            assert m.replicas * m.threads == len(m.cores)
+            if not allow_replicas:
+                assert m.replicas == 1
+            rc = m.replica_cores()
+            assert len(rc) == m.replicas and all(len(x) == m.threads for x in rc)
+            comp = sum(costs.layer_ms[m.cluster][m.threads][i] for i in s.layer_range()) + \
+                costs.stage_overhead_ms.get(m.cluster, 0.0) + (costs.input_ms.get(m.cluster, 0.0) if s.first_layer == 0 else 0)
+            xfer = transfer.cost_ms(costs.boundary_bytes[s.first_layer]) + transfer.cost_ms(
+                costs.boundary_bytes[s.last_layer + 1])
+            assert m.compute_ms == pytest.approx(comp, rel=1e-9, abs=1e-12)
+            assert m.transfer_ms == pytest.approx(xfer, rel=1e-9, abs=1e-12)
+            rate += m.replicas * 1000.0 / (comp + xfer) if comp + xfer > 0 else math.inf
+        assert s.period_ms == pytest.approx(1000.0 / rate, rel=1e-9)
+        assert s.p99_ms == pytest.approx(max(m.service_ms for m in s.members), rel=1e-12)
+        assert min(m.service_ms for m in s.members) <= s.p50_ms <= s.p99_ms
+        assert s.replicas == sum(m.replicas for m in s.members) == len(s.workers())
     if max_stages is not None:
         assert len(plan.stages) <= max_stages
     assert plan.bottleneck_ms == max(s.period_ms for s in plan.stages)
-    assert plan.latency_ms == pytest.approx(sum(s.service_ms for s in plan.stages), rel=1e-12)
+    assert plan.latency_ms == pytest.approx(sum(s.p99_ms for s in plan.stages), rel=1e-12)
     if plan.bottleneck_ms > 0:
         assert plan.throughput_fps == pytest.approx(1000.0 / plan.bottleneck_ms)
     periods = [s.period_ms for s in plan.stages]
@@ -120,24 +126,34 @@ def check_invariants(plan: Plan, costs: CostTable, clusters, transfer, max_stage
     assert plan.stages[plan.bottleneck_stage].period_ms == plan.bottleneck_ms
 
 
-def brute_force(costs, clusters, transfer, max_stages, allow_replicas=True):
-    """All valid plans, by enumeration through evaluate_stages."""
-    n = len(costs.layer_names)
-    stage_opts = []
+def pool_options(clusters, allow_replicas=True, allow_pools=True):
+    per = []
     for c in clusters:
+        opts = [None]
         for m in range(1, len(c.cores) + 1):
             for r in range(1, m + 1):
                 if m % r or (r > 1 and not allow_replicas):
                     continue
-                stage_opts.append((c.name, m, m // r, r))
+                opts.append((c.name, m, m // r, r))
+        per.append(opts)
+    out = []
+    for combo in itertools.product(*per):
+        members = tuple(x for x in combo if x is not None)
+        if members and (allow_pools or len(members) == 1):
+            out.append(members)
+    return out
+
+
+def brute_force(costs, clusters, transfer, max_stages, allow_replicas=True, allow_pools=True):
+    """All valid plans, by enumeration through evaluate_stages."""
+    n = len(costs.layer_names)
+    stage_opts = pool_options(clusters, allow_replicas, allow_pools)
     plans = []
     for n_st in range(1, min(n, max_stages) + 1):
         for cuts in itertools.combinations(range(1, n), n_st - 1):
             bounds = (0, *cuts, n)
             for choice in itertools.product(stage_opts, repeat=n_st):
-                assignment = [
-                    (cn, m, bounds[i], bounds[i + 1] - 1, t, r) for i, (cn, m, t, r) in enumerate(choice)
-                ]
+                assignment = [StageSpec(bounds[i], bounds[i + 1] - 1, members) for i, members in enumerate(choice)]
                 try:
                     plans.append(evaluate_stages(costs, clusters, transfer, assignment))
                 except PlanError:
@@ -219,8 +235,9 @@ def test_fast_and_slow_cluster_split_by_speed():
     clusters = [ClusterSpec("big", (4,)), ClusterSpec("little", (0,))]
     base = [1.0] * 12
     costs = make_costs(base, clusters, speeds=[1.0, 0.5], bytes_=[1024] * 13)
-    plan = plan_pipeline(costs, clusters, TransferModel(per_message_ms=0.01, per_mb_ms=0.1))
-    check_invariants(plan, costs, clusters, TransferModel(per_message_ms=0.01, per_mb_ms=0.1))
+    tm = TransferModel(per_message_ms=0.01, per_mb_ms=0.1)
+    plan = plan_pipeline(costs, clusters, tm, allow_pools=False)
+    check_invariants(plan, costs, clusters, tm, allow_pools=False)
     assert len(plan.stages) == 2
     slow = [s for s in plan.stages if s.cluster == "little"]
     assert len(slow) == 1
@@ -357,8 +374,13 @@ def test_format_plan_and_to_dict():
     text = format_plan(plan)
     lines = text.splitlines()
     for s in plan.stages:
-        assert any(line.startswith(str(s.index)) and s.cluster in line for line in lines)
+        assert any(line.startswith(str(s.index)) and s.members[0].cluster in line for line in lines)
         assert costs.layer_names[s.first_layer] in text
+    pooled = evaluate_stages(costs, clusters, TransferModel(),
+                             [StageSpec(0, 5, (("big", 2, 1, 2), ("little", 4, 2, 2)))])
+    text2 = format_plan(pooled)
+    assert "big" in text2 and "little" in text2 and "2 x 1" in text2 and "2 x 2" in text2
+    assert Plan.from_dict(json.loads(json.dumps(pooled.to_dict()))) == pooled
     assert "throughput" in text and "frames/s" in text
     assert "latency" in text and "balance" in text and "bottleneck stage" in text
     d = plan.to_dict()
@@ -391,3 +413,114 @@ def test_speed_20_layers_3_clusters():
     dt = time.perf_counter() - t0
     check_invariants(plan, costs, clusters, tm, max_stages=4)
     assert dt < 1.0, f"planning took {dt:.3f} s"
+
+
+# ---------------------------------------------------------------------------------------------
+# pools across clusters, latency as an objective
+# ---------------------------------------------------------------------------------------------
+
+
+def big_little_costs(base, little_speed=0.5, little_factors=None, bytes_=None):
+    clusters = [ClusterSpec("big", (0,)), ClusterSpec("little", (1,))]
+    costs = make_costs(base, clusters, speeds=[1.0, little_speed], bytes_=bytes_ or [200_000] * (len(base) + 1))
+    if little_factors is not None:  # per-layer slowness of the little core relative to the big one
+        costs = CostTable(costs.layer_names, {"big": costs.layer_ms["big"],
+                                              "little": {1: tuple(b * f for b, f in zip(base, little_factors))}},
+                          costs.boundary_bytes, costs.stage_overhead_ms)
+    return costs, clusters
+
+
+def test_planner_finds_per_core_replicas_when_they_are_best():
+    costs, clusters = big_little_costs([1.0] * 12)
+    tm = TransferModel(per_message_ms=0.05, per_mb_ms=0.2)
+    plan = plan_pipeline(costs, clusters, tm, tie_tolerance=0.0)
+    check_invariants(plan, costs, clusters, tm)
+    assert plan.n_stages == 1
+    assert {m.cluster for m in plan.stages[0].members} == {"big", "little"}
+    # the pool's rate is the sum of both cores' rates, better than any pipeline of the same cores
+    best_pipeline = plan_pipeline(costs, clusters, tm, allow_pools=False)
+    assert best_pipeline.n_stages == 2
+    assert plan.throughput_fps > best_pipeline.throughput_fps
+    assert plan.throughput_fps == pytest.approx(sum(m.rate_fps for m in plan.stages[0].members))
+
+
+def test_planner_finds_a_pipeline_when_it_is_best():
+    # the little core is 4x slower on the first (compute-bound) half but as fast on the second
+    # (memory-bound) half: a pipeline that gives it the second half beats one replica per core
+    base = [1.0] * 12
+    costs, clusters = big_little_costs(base, little_factors=[4.0] * 6 + [1.0] * 6)
+    tm = TransferModel(per_message_ms=0.01, per_mb_ms=0.05)
+    plan = plan_pipeline(costs, clusters, tm, tie_tolerance=0.0)
+    check_invariants(plan, costs, clusters, tm)
+    assert plan.n_stages == 2 and all(len(s.members) == 1 for s in plan.stages)
+    assert [s.members[0].cluster for s in plan.stages] == ["big", "little"]
+    replicas = evaluate_stages(costs, clusters, tm, [StageSpec(0, 11, (("big", 1, 1, 1), ("little", 1, 1, 1)))])
+    assert plan.throughput_fps > replicas.throughput_fps * 1.2
+
+
+def test_within_tie_tolerance_the_lower_p99_wins():
+    # equal layers, little at 0.5: replicas (rate 1.5/12 ms) and a 2/3 + 1/3 pipeline tie on throughput;
+    # the pipeline's p99 is 16 ms, the replicas' 24 ms (a frame on the little core)
+    costs, clusters = big_little_costs([1.0] * 12)
+    tm = TransferModel(per_message_ms=0.01, per_mb_ms=0.0)
+    exact = plan_pipeline(costs, clusters, tm, tie_tolerance=0.0)
+    tied = plan_pipeline(costs, clusters, tm, tie_tolerance=0.02)
+    check_invariants(tied, costs, clusters, tm)
+    assert exact.n_stages == 1 and exact.latency_ms == pytest.approx(24.02)
+    assert tied.n_stages == 2 and tied.latency_ms == pytest.approx(16.04)
+    assert tied.throughput_fps >= exact.throughput_fps / 1.02
+
+
+def test_latency_objective_gives_a_slow_camera_the_big_core_only():
+    costs, clusters = big_little_costs([1.0] * 12)
+    tm = TransferModel(per_message_ms=0.01, per_mb_ms=0.0)
+    plan = plan_pipeline(costs, clusters, tm, objective="latency", target_fps=30)
+    check_invariants(plan, costs, clusters, tm)
+    assert plan.n_stages == 1 and [m.cluster for m in plan.stages[0].members] == ["big"]
+    assert plan.latency_ms == pytest.approx(12.02)
+    assert plan.objective == "latency" and plan.target_fps == 30 and not plan.notes
+    # a rate only both cores reach: the lowest p99 among plans that sustain it
+    fast = plan_pipeline(costs, clusters, tm, objective="latency", target_fps=110)
+    assert fast.throughput_fps >= 110 and fast.n_stages == 2
+    # a rate no plan reaches: the best-throughput plan, with a note saying so
+    too_fast = plan_pipeline(costs, clusters, tm, objective="latency", target_fps=1000)
+    assert too_fast.notes and "above the best plan" in too_fast.notes[0]
+    assert too_fast.throughput_fps == pytest.approx(plan_pipeline(costs, clusters, tm).throughput_fps)
+    with pytest.raises(PlanError):
+        plan_pipeline(costs, clusters, tm, objective="latency")
+    with pytest.raises(PlanError):
+        plan_pipeline(costs, clusters, tm, objective="fastest")
+
+
+def test_input_work_is_charged_to_stage_zero_only():
+    costs, clusters = big_little_costs([1.0] * 6)
+    costs = CostTable(costs.layer_names, costs.layer_ms, costs.boundary_bytes, costs.stage_overhead_ms,
+                      input_ms={"big": 3.0, "little": 6.0})
+    tm = TransferModel(per_message_ms=0.0, per_mb_ms=0.0)
+    plan = evaluate_stages(costs, clusters, tm, [("big", 1, 0, 2, 1, 1), ("little", 1, 3, 5, 1, 1)])
+    assert plan.stages[0].compute_ms == pytest.approx(6.0) and plan.stages[1].compute_ms == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_pools_exact_vs_brute_force_three_clusters(seed):
+    rng = random.Random(9000 + seed)
+    costs, clusters, transfer = random_case(rng, n_max=4, k_max=3, c_max=2)
+    plan = plan_pipeline(costs, clusters, transfer, max_stages=2)
+    check_invariants(plan, costs, clusters, transfer, max_stages=2)
+    plans = brute_force(costs, clusters, transfer, 2)
+    best_b = min(p.bottleneck_ms for p in plans)
+    assert plan.bottleneck_ms == pytest.approx(best_b, rel=1e-9, abs=1e-12)
+    tied = [p for p in plans if p.bottleneck_ms <= best_b * (1 + 1e-9) + 1e-12]
+    assert plan.latency_ms == pytest.approx(min(p.latency_ms for p in tied), rel=1e-9, abs=1e-12)
+
+
+def test_speed_intel_hybrid_host():
+    rng = random.Random(4)
+    clusters = [ClusterSpec("p", tuple(range(8))), ClusterSpec("e", tuple(range(8, 16)))]
+    base = [rng.uniform(0.2, 3.0) for _ in range(40)]
+    costs = make_costs(base, clusters, speeds=[1.0, 0.5], scaling=0.7, bytes_=[500_000] * 41, overhead=0.1)
+    t0 = time.perf_counter()
+    plan = plan_pipeline(costs, clusters, TransferModel(), max_stages=4, tie_tolerance=0.02)
+    dt = time.perf_counter() - t0
+    check_invariants(plan, costs, clusters, TransferModel(), max_stages=4)
+    assert dt < 30.0, f"planning took {dt:.1f} s"

@@ -24,7 +24,7 @@ from hetsched.server.front import Server
 
 from .conftest import wait_for
 from .test_lifecycle import alive, descendants, start_service
-from .test_pipeline import manual_plan
+from .conftest import manual_plan, topk5
 
 RAW_CONFIG = """
 model: builtin:squeezenet1.1
@@ -38,7 +38,7 @@ profile: {measure: false}
 class InProcessService:
     def __init__(self, squeezenet, tmp_path, stages):
         model, g = squeezenet
-        self.pipe = Pipeline(model, g, manual_plan(g, stages), heartbeat_timeout=1.0)
+        self.pipe = Pipeline(model, g, manual_plan(g, stages), heartbeat_timeout=1.0, topk=topk5())
         self.pipe.start()
         self.server = Server(self.pipe, f"ipc://{tmp_path}/c.sock")
         self.stop = threading.Event()

@@ -41,13 +41,12 @@ from hetsched.client import Client
 from hetsched.config import InputConfig, LimitsConfig, load_config, parse_config
 from hetsched.runtime.pipeline import Pipeline
 from hetsched.errors import ConfigError, HetschedError, ProtocolError
-from hetsched.planning.planner import Plan, Stage
 from hetsched.model.preprocess import ImageLimits, decode_image
 from hetsched.wire.security import (LinkKeys, SecuritySettings, ServerAuth, apply_client, check_bind, check_link_bind,
                                generate_keys, secure_link_client, secure_link_server, start_link_authenticator)
 from hetsched.server.front import Server, ServerLimits, check_limits
 
-from .conftest import ROOT, wait_for
+from .conftest import ROOT, manual_plan, topk5, wait_for
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -61,19 +60,16 @@ def image_bytes(fmt: str, w: int = 96, h: int = 80, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def make_plan(g) -> Plan:
-    """Two stages: [preprocess + graph layers 0..10] on core 0, [graph layers 11..22] on core 1."""
-    names = ("preprocess",) + tuple(g.layer_names)
-    stages = [Stage(0, "c0", (0,), 0, 11, 1, 1, 1.0, 0.0, 1.0, 1.0),
-              Stage(1, "c1", (1,), 12, 23, 1, 1, 1.0, 0.0, 1.0, 1.0)]
-    return Plan(tuple(stages), 1.0, 1000.0, 2.0, 1.0, names)
+def make_plan(g):
+    """Two stages: [graph layers 0..10, decoding images] on core 0, [graph layers 11..22] on core 1."""
+    return manual_plan(g, [((0,), 0, 10, 1, 1), ((1,), 11, 22, 1, 1)])
 
 
 @contextlib.contextmanager
 def service(squeezenet, bind: str = "tcp://127.0.0.1:*", security: SecuritySettings | None = None,
             limits: ServerLimits | None = None):
     model, g = squeezenet
-    pipe = Pipeline(model, g, make_plan(g), preprocess=InputConfig(), image_limits=ImageLimits())
+    pipe = Pipeline(model, g, make_plan(g), preprocess=InputConfig(), image_limits=ImageLimits(), topk=topk5())
     server = thread = None
     stop = threading.Event()
     crashed: list = []
@@ -665,11 +661,17 @@ def test_fuzz_client_header_and_frame_decoder(message):
 
 @st.composite
 def stage_messages(draw):
-    arrays = [np.zeros(draw(st.lists(st.integers(0, 4), max_size=4)), draw(st.sampled_from(list(sp.DTYPE_CODES))))
-              for _ in range(draw(st.integers(0, 3)))]
-    hops = [sp.Hop(draw(st.integers(0, 255)), draw(st.integers(0, 255)), 0.0, 1.0, 2.0)
-            for _ in range(draw(st.integers(0, 3)))]
-    head = bytearray(sp.encode_header(draw(st.integers(0, 2**64 - 1)), 1.5, arrays, hops))
+    """Work and done headers of the internal data path, then flipped, cut or extended."""
+    if draw(st.booleans()):
+        head = bytearray(sp.pack_work(draw(st.sampled_from([sp.KIND_RING, sp.KIND_REGION, sp.KIND_BYTES])),
+                                      draw(st.integers(0, 2**64 - 1)), draw(st.integers(0, 65535)),
+                                      draw(st.integers(0, 65535)), 1.5, region=draw(st.integers(0, 2**32 - 1))))
+    else:
+        n = draw(st.integers(0, 5))
+        top = np.zeros(n, sp.TOP)
+        top["index"] = draw(st.lists(st.integers(0, 2**32 - 1), min_size=n, max_size=n))
+        head = bytearray(sp.pack_done(draw(st.integers(0, 255)), draw(st.integers(0, 65535)),
+                                      draw(st.integers(0, 2**64 - 1)), 0, 0, 1.0, 2.0, 3.0, top))
     for _ in range(draw(st.integers(0, 4))):  # flip, cut or extend
         op = draw(st.sampled_from(["flip", "cut", "extend"]))
         if op == "flip" and head:
@@ -679,36 +681,48 @@ def stage_messages(draw):
             head = head[: draw(st.integers(0, len(head)))]
         else:
             head += draw(st.binary(max_size=16))
-    frames = [a.tobytes() for a in arrays]
-    if draw(st.booleans()):
-        frames = draw(st.lists(st.binary(max_size=64), max_size=4))
-    return bytes(head), frames
+    return bytes(head)
 
 
 @FUZZ
-@given(st.one_of(stage_messages(), st.tuples(st.binary(max_size=512), st.lists(st.binary(max_size=64), max_size=3))))
-def test_fuzz_stage_header_decoder(message):
-    head, _ = message
+@given(st.one_of(stage_messages(), st.binary(max_size=512)))
+def test_fuzz_stage_header_decoders(head):
+    """Every internal header decoder either returns a well-formed header or raises ProtocolError."""
     try:
-        hdr = sp.decode_header(head)
+        w = sp.unpack_work(head)
+        assert w.kind in (sp.KIND_RING, sp.KIND_REGION, sp.KIND_BYTES, sp.KIND_TENSORS)
     except ProtocolError:
-        return
-    assert len(hdr.tensors) <= 255 and all(len(s) <= sp.MAX_DIMS for _, s in hdr.tensors)
+        pass
+    try:
+        d = sp.unpack_done(head)
+        assert d.kind in (sp.KIND_DONE, sp.KIND_FAILED) and len(d.top) <= 65535
+        assert d.code is None or d.code in sp.ERROR_CODES
+    except ProtocolError:
+        pass
+
+
+def _tensor_spec():
+    from hetsched.runtime.spec import WorkerSpec
+    return WorkerSpec(stage=1, worker=0, cores=(0,), threads=1, model_path="x.onnx",
+                      inputs=(("a", "float32", (3,)), ("b", "int64", (2, 2))), outputs=(("y", "float32", (1,)),),
+                      passthrough=(), data_endpoint="tcp://127.0.0.1:1", results_endpoint="tcp://127.0.0.1:2",
+                      ctl_endpoint="tcp://127.0.0.1:3", parent_pid=1)
 
 
 @settings(FUZZ, phases=[Phase.explicit, Phase.generate, Phase.shrink])  # no explain phase: no patch files
-@given(st.one_of(stage_messages(), st.tuples(st.binary(max_size=512), st.lists(st.binary(max_size=64), max_size=3))))
-@example((sp.encode_header(1, 0.0, [np.zeros(3, np.float32)]), [b"abc"]))  # 3 bytes cannot hold float32s
-@example((sp.encode_header(1, 0.0, [np.zeros((2, 2), np.int64)]), [bytes(32)]))
-def test_fuzz_stage_frame_views(message):
-    head, frames = message
+@given(st.lists(st.binary(max_size=64), max_size=4))
+@example([b"abc", bytes(32)])            # 3 bytes cannot hold float32s
+@example([bytes(12), bytes(32)])
+def test_fuzz_tcp_stage_tensor_frames(frames):
+    """Tensors arriving in frames (tcp:// links) are checked against the stage's spec, never trusted."""
+    from hetsched.runtime.worker import _arrays_from_frames
+    spec = _tensor_spec()
     try:
-        hdr = sp.decode_header(head)
-        arrays = sp.views(hdr, frames)
-    except ProtocolError:
+        arrays = _arrays_from_frames(spec, frames)
+    except ProtocolError as exc:
+        assert exc.code in ("BAD_FRAMES", "SHAPE_MISMATCH")
         return
-    for (dtype, shape), a in zip(hdr.tensors, arrays):
-        assert a.dtype.name == dtype and a.shape == shape
+    assert [(a.dtype.name, a.shape) for a in arrays] == [(t[1], t[2]) for t in spec.inputs]
 
 
 FUZZ_IMAGE_LIMITS = ImageLimits(max_pixels=1_000_000, max_side=4096)

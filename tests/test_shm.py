@@ -16,13 +16,14 @@ from hetsched.model.graph import random_inputs
 from hetsched.server.front import Server
 from hetsched.wire.shm import attach_region, create_region
 
-from .test_pipeline import manual_plan, reference
+from .conftest import manual_plan, topk5
+from .test_pipeline import reference
 
 
 @pytest.fixture
 def service(squeezenet, tmp_path):
     model, g = squeezenet
-    pipe = Pipeline(model, g, manual_plan(g, [((0,), 0, 10, 1, 1), ((1,), 11, 22, 1, 1)])).start()
+    pipe = Pipeline(model, g, manual_plan(g, [((0,), 0, 10, 1, 1), ((1,), 11, 22, 1, 1)]), topk=topk5()).start()
     server = Server(pipe, f"ipc://{tmp_path}/c.sock")
     stop = threading.Event()
     th = threading.Thread(target=server.serve, args=(stop.is_set,), daemon=True)

@@ -15,17 +15,17 @@ def running_supervisor(keys=("a", "b"), **kw):
     return sup
 
 
-def test_dead_worker_is_respawned_then_frames_replayed():
+def test_dead_worker_is_reported_lost_respawned_then_recovered():
     sup = running_supervisor()
     alive = {"a": True, "b": False}
     sup.on_heartbeat("a", 9.9)
-    assert kinds(sup.tick(10.0, alive)) == [("spawn", "b")]
+    assert kinds(sup.tick(10.0, alive)) == [("lost", "b"), ("spawn", "b")]
     assert sup.recovering and not sup.degraded
     alive["b"] = True
     assert sup.tick(10.1, alive) == []          # still starting: no replay yet
     sup.on_running("b", 10.2)
     sup.on_heartbeat("a", 10.25)
-    assert kinds(sup.tick(10.3, alive)) == [("replay", None)]
+    assert kinds(sup.tick(10.3, alive)) == [("recovered", None)]
     assert not sup.recovering and sup.restarts == 1 and sup.recoveries == 1
 
 
@@ -36,7 +36,10 @@ def test_hung_worker_is_killed_and_replaced():
     sup.on_heartbeat("b", 4.5)
     assert sup.tick(5.2, alive) == []
     actions = kinds(sup.tick(5.6, alive))
-    assert actions == [("kill", "b"), ("spawn", "b")]
+    assert actions == [("kill", "b")]           # not lost until it is seen dead: it could still write
+    assert sup.tick(5.65, alive) == []          # the kill has not landed yet
+    alive["b"] = False
+    assert kinds(sup.tick(5.7, alive)) == [("lost", "b"), ("spawn", "b")]
 
 
 def test_crash_loop_backs_off_and_reports_degraded():
@@ -71,4 +74,5 @@ def test_a_stable_worker_resets_its_crash_count():
 def test_worker_that_never_gets_running_is_killed():
     sup = Supervisor(start_timeout=5.0)
     sup.add("a", 0.0)
-    assert kinds(sup.tick(6.0, {"a": True})) == [("kill", "a"), ("spawn", "a")]
+    assert kinds(sup.tick(6.0, {"a": True})) == [("kill", "a")]
+    assert kinds(sup.tick(6.1, {"a": False})) == [("lost", "a"), ("spawn", "a")]

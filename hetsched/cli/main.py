@@ -102,13 +102,14 @@ def plan_report(prep) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from hetsched.runtime.service import emulation, prepare
+    from hetsched.runtime.service import emulation, encoded_share, prepare
     cfg = load_cfg(args)
     from hetsched.config import resolve_clusters
     from hetsched.host.topology import detect_topology
     clusters = resolve_clusters(cfg, detect_topology())
     with emulation(clusters, cfg.emulation_period_ms, _progress(args.json)):
-        prep = prepare(cfg, progress=_progress(args.json), clusters=clusters, with_preprocess=args.preprocess)
+        prep = prepare(cfg, progress=_progress(args.json), clusters=clusters, with_preprocess=True,
+                       encoded_share=encoded_share(cfg, args.preprocess))
     if args.json:
         out = prep.plan.to_dict()
         out["clusters"] = [c.to_dict() for c in prep.clusters]
@@ -130,7 +131,7 @@ def _serve(args: argparse.Namespace, demo: Callable | None, finish: Callable | N
     """Prepare and run the service. With ``demo`` (a driver run in a thread as
     demo(endpoint, prep, result, stop)), stop when it returns and call finish(result, prep, server)."""
     from hetsched.config import resolve_clusters
-    from hetsched.runtime.service import emulation, pin_coordinator, prepare, running_service
+    from hetsched.runtime.service import emulation, encoded_share, pin_coordinator, prepare, running_service
     from hetsched.host.topology import detect_topology
 
     stop = StopFlag().install()
@@ -141,7 +142,8 @@ def _serve(args: argparse.Namespace, demo: Callable | None, finish: Callable | N
     with emulation(clusters, cfg.emulation_period_ms, progress):
         # the coordinator's own per-frame work goes to the fastest cores (the planner charges it there)
         home = pin_coordinator(clusters)
-        prep = prepare(cfg, progress=progress, clusters=clusters, with_preprocess=with_preprocess)
+        prep = prepare(cfg, progress=progress, clusters=clusters, with_preprocess=with_preprocess,
+                       encoded_share=encoded_share(cfg))
         print(plan_report(prep), flush=True)
         bind = args.bind or (cfg.server.bind if demo is None else f"ipc://{_tmp_socket()}")
         with running_service(prep, bind) as server:
@@ -291,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--layers", action="store_true", help="also list the layers between cut points")
-    sp.add_argument("--preprocess", action="store_true", help="include image preprocessing as the first layer")
+    sp.add_argument("--preprocess", action="store_true", help="plan for JPEG/PNG traffic (decoding in stage 0)")
     sp.set_defaults(func=cmd_plan)
 
     sp = sub.add_parser("start", help="run the pipeline service until Ctrl+C")

@@ -44,3 +44,30 @@ def keep_large_buffers(threshold: int = 64 << 20) -> None:
         return
     libc.mallopt(M_MMAP_THRESHOLD, threshold)
     libc.mallopt(M_TRIM_THRESHOLD, 4 * threshold)
+
+
+def describe_exit(code: int | None) -> str:
+    """A process's exit code in words ("killed by signal 9 (SIGKILL)")."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def reap_processes(procs, grace: float = 2.0) -> None:
+    """terminate -> wait -> kill -> join every process (multiprocessing.Process); on return all are joined."""
+    import time
+    deadline = time.monotonic() + grace
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5.0)

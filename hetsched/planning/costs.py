@@ -19,6 +19,7 @@ reported.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -109,40 +110,32 @@ def cost_table_from_measurements(layer_names: Sequence[str], boundary_bytes: Seq
     )
 
 
-# The coordinator (client socket, routing, top-k) runs pinned to the fastest cluster and costs CPU
-# there for every frame: measured with a raw 600 KB SqueezeNet input at ~0.9 ms per frame
-# (main thread ~0.6 ms, ZeroMQ I/O threads ~0.3 ms), see README "Where the time goes".
-COORDINATOR_MS_PER_FRAME = 0.35
-COORDINATOR_MS_PER_MIB = 0.9
+# The coordinator (client socket, dispatch, ordering) runs pinned to the fastest cluster and costs CPU
+# there for every frame: client message in, one work/done pair per stage, the reply out.
+# Measured by `hetsched bench` (coordinator CPU ms per frame, shared-memory input).
+COORDINATOR_MS_PER_FRAME = 0.15
+COORDINATOR_MS_PER_MIB = 0.25  # a raw tensor sent over the socket is copied into its input slot
 
 
-def coordinator_ms(input_bytes: int) -> float:
-    return COORDINATOR_MS_PER_FRAME + COORDINATOR_MS_PER_MIB * input_bytes / (1 << 20)
+def coordinator_ms(copied_bytes: int = 0) -> float:
+    return COORDINATOR_MS_PER_FRAME + COORDINATOR_MS_PER_MIB * copied_bytes / (1 << 20)
 
 
 def with_coordinator_overhead(costs: CostTable, cluster: str, n_cores: int, ms: float) -> CostTable:
-    """Charge the coordinator's per-frame CPU to the stages sharing its cores (spread over the
-    cluster's cores: a stage on k of n cores pays about k/n of it; exact for one-core clusters)."""
+    """Charge the coordinator's per-frame CPU to the workers sharing its cores (spread over the
+    cluster's cores: a worker on k of n cores pays about k/n of it; exact for one-core clusters)."""
     ov = dict(costs.stage_overhead_ms)
     ov[cluster] = ov.get(cluster, 0.0) + ms / max(1, n_cores)
-    return CostTable(costs.layer_names, costs.layer_ms, costs.boundary_bytes, ov)
+    return dataclasses.replace(costs, stage_overhead_ms=ov)
 
 
-PREPROCESS_LAYER = "preprocess"
-TYPICAL_ENCODED_BYTES = 64 * 1024
 DEFAULT_PREPROCESS_MS = 2.5  # FLOP-fallback guess for decoding + resizing one camera frame on a big core
 
 
-def with_preprocess_layer(costs: CostTable, preprocess_ms: Mapping[str, float],
-                          encoded_bytes: int = TYPICAL_ENCODED_BYTES) -> CostTable:
-    """Prepend image preprocessing (decode, resize, normalise) as layer 0 of the chain, so the
-    planner places it like any layer. Decoding is single-threaded: the same ms at every thread count."""
-    return CostTable(
-        layer_names=(PREPROCESS_LAYER, *costs.layer_names),
-        layer_ms={c: {t: (preprocess_ms[c], *v) for t, v in per_t.items()} for c, per_t in costs.layer_ms.items()},
-        boundary_bytes=(int(encoded_bytes), *costs.boundary_bytes),
-        stage_overhead_ms=dict(costs.stage_overhead_ms),
-    )
+def with_input_work(costs: CostTable, input_ms: Mapping[str, float]) -> CostTable:
+    """Per-frame input work (image decoding, weighted by the share of encoded frames) charged to the
+    stage that starts at layer 0: whichever of its workers takes a frame decodes it."""
+    return dataclasses.replace(costs, input_ms={c: float(v) for c, v in input_ms.items()})
 
 
 def flop_cost_table(layer_names: Sequence[str], boundary_bytes: Sequence[int], layer_flops: Sequence[int],
@@ -176,8 +169,7 @@ def rescale_range(costs: CostTable, cluster: str, first: int, last: int, factor:
     learnt from timing a whole stage sub-model against the sum of its layers' predictions."""
     per_t = {t: tuple(v * factor if first <= i <= last else v for i, v in enumerate(ms))
              for t, ms in costs.layer_ms[cluster].items()}
-    return CostTable(costs.layer_names, {**costs.layer_ms, cluster: per_t}, costs.boundary_bytes,
-                     costs.stage_overhead_ms)
+    return dataclasses.replace(costs, layer_ms={**costs.layer_ms, cluster: per_t})
 
 
 def thread_counts_to_measure(n_cores: int) -> tuple[int, ...]:

@@ -1,29 +1,29 @@
-"""The coordinator's runtime half: start one pinned worker per stage replica, wire them with
-ZeroMQ, feed frames, collect results, keep every frame in flight, stop everything cleanly.
+"""The coordinator's runtime half: start the plan's workers, dispatch frames, collect, supervise, stop.
 
-Data path (one host, ipc:// in a private run directory; tcp:// when configured)::
+Data path (one host: ipc:// in a private run directory, activations in shared-memory rings)::
 
-    coordinator PUSH --> stage 0 replicas (PULL, bound) --PUSH--> stage 1 replicas ... --PUSH--> coordinator PULL
+    submit -> ledger (slot) -> dispatcher picks a worker of stage 0 -> work header (PUSH) -> worker
+    worker: run on ring[0][slot] (or a client's region slot, or decode the image) -> ring[1][slot]
+    worker -> done header (PUSH -> the coordinator's PULL) -> ledger: next stage ... -> result
 
-Each replica binds its own input, and every upstream sender connects to all replicas of the next
-stage, so PUSH deals frames to replicas whose queue has room. High-water marks bound every queue:
-a slow stage back-pressures the ones before it, and the coordinator's in-flight window bounds
-the rest. Control (READY/CONNECT/RUNNING handshake, STATS heartbeats, STOP) uses a separate
-ROUTER socket.
+The coordinator dispatches every stage itself, so a stage can be a pool of workers on different
+clusters (each frame to the worker that finishes it first, ``runtime.dispatch``) and it always knows
+where every frame is: when a worker is lost only its frames are replayed, at their stage, from their
+intact input slot (``runtime.ledger``). Control (READY/GO/RUNNING, STATS heartbeats, regions, STOP)
+uses a separate ROUTER socket. Over tcp:// (workers on other hosts) tensors travel in the messages
+and the coordinator relays them from stage to stage.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import multiprocessing as mp
 import os
 import shutil
-import signal
 import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -31,35 +31,29 @@ import onnx
 import zmq
 
 from hetsched.errors import HetschedError, ProtocolError, ShapeMismatch, WorkerDied
-from hetsched.model.graph import ModelGraph, TensorInfo, extract_stage, passthrough_names
-from hetsched.planning.planner import Plan
-from hetsched.host.process import keep_large_buffers
-from hetsched.wire.security import LinkKeys, secure_link_client, secure_link_server, start_link_authenticator
+from hetsched.host.process import describe_exit, keep_large_buffers, reap_processes
+from hetsched.model.graph import ModelGraph, extract_stage, passthrough_names
+from hetsched.planning.plan import Plan
+from hetsched.runtime.dispatch import Dispatcher
+from hetsched.runtime.ledger import FrameRec, Hop, Ledger
+from hetsched.runtime.spec import TopkSpec, WorkerSpec
 from hetsched.runtime.supervisor import Supervisor
-from hetsched.wire.dtypes import ORT_TO_NUMPY
-from hetsched.wire.stage_protocol import (KIND_DATA, KIND_SHM, Hop, control, decode_header, encode_header,
-                                     encode_header_desc, parse_control, views)
+from hetsched.runtime.workers import STAT_KEYS, WorkerHandle, check_ready
+from hetsched.wire import stage_protocol as sp
+from hetsched.wire.rings import Ring, RingSpec, create_ring, new_ring_name, sweep_stale_rings
+from hetsched.wire.security import LinkKeys, secure_link_client, secure_link_server, start_link_authenticator
 
 log = logging.getLogger(__name__)
 
-
-
-def describe_exit(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            return f"killed by signal {-code} ({signal.Signals(-code).name})"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with code {code}"
+SRC_RING, SRC_REGION, SRC_BYTES, SRC_TENSORS = "ring", "region", "bytes", "tensors"
 
 
 @dataclass
 class FrameResult:
     frame_id: int
     outputs: list[np.ndarray]
-    hops: tuple[Hop, ...]
+    top: np.ndarray | None
+    hops: list[Hop]
     t_submit: float
     t_done: float
     tag: Any = None
@@ -71,99 +65,70 @@ class FrameResult:
         return (self.t_done - self.t_submit) * 1000.0
 
 
-@dataclass
-class _InFlight:
-    frames: list[Any]
-    t_submit: float
-    tag: Any
-    tensors: list = field(default_factory=list)  # header descriptors (dtype, shape) to resend it
-    kind: int = KIND_DATA
-
-
-@dataclass
-class WorkerHandle:
-    stage: int
-    replica: int
-    cores: tuple[int, ...]
-    threads: int
-    process: Any
-    identity: bytes
-    endpoint: str | None = None
-    ready: dict | None = None
-    stats: dict = field(default_factory=dict)
-    last_seen: float = 0.0
-    carry: dict = field(default_factory=dict)   # counters of this slot's earlier (dead) processes
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid
-
-    @property
-    def key(self) -> tuple[int, int]:
-        return (self.stage, self.replica)
-
-
-def _ort_shape_ok(reported: dict, expected: TensorInfo) -> bool:
-    shape = reported["shape"]
-    if len(shape) != len(expected.shape):
-        return False
-    for got, want in zip(shape, expected.shape):
-        if isinstance(got, int) and got != want:
-            return False
-    return ORT_TO_NUMPY.get(reported["type"]) == expected.dtype
+def _descs(tensors) -> tuple:
+    return tuple((t.name, t.dtype, tuple(t.shape)) for t in tensors)
 
 
 class Pipeline:
     """A running pipeline for one plan. Use as a context manager, or start() / stop()."""
 
     def __init__(self, model: onnx.ModelProto, graph: ModelGraph, plan: Plan, *, transport: str = "ipc",
-                 host: str = "127.0.0.1", hwm: int = 1, max_inflight: int | None = None,
-                 start_timeout: float = 60.0, stats_interval: float = 0.5, spinning: bool = True,
+                 host: str = "127.0.0.1", max_inflight: int | None = None, credits: int = 2,
+                 start_timeout: float = 60.0, stats_interval: float = 0.25, spinning: bool | None = None,
                  run_dir: str | None = None, preprocess: Any = None, image_limits: Any = None,
-                 heartbeat_timeout: float = 1.0):
-        """``preprocess``: an InputConfig when the plan's layer 0 is image preprocessing (the chain is
-        then [preprocess] + graph layers, and stage 0 accepts encoded JPEG/PNG bytes)."""
+                 heartbeat_timeout: float = 1.0, topk: TopkSpec | None = None, max_failures: int = 2):
+        """``preprocess``: an InputConfig: stage 0's workers also decode JPEG/PNG frames into the model
+        input (whichever worker takes the frame). ``topk``: the last stage reports the top-k classes."""
         self.model, self.graph, self.plan = model, graph, plan
-        self.preprocess, self.image_limits = preprocess, image_limits
-        self._offset = 1 if preprocess is not None else 0
-        self.transport, self.host, self.hwm = transport, host, hwm
+        self.preprocess, self.image_limits, self.topk = preprocess, image_limits, topk
+        self.transport, self.host = transport, host
+        self.credits = credits
         n_workers = sum(s.replicas for s in plan.stages)
-        # one frame in work and one waiting per worker keeps every stage busy; more only adds latency
-        self.max_inflight = max_inflight or 2 * n_workers + 1
-        self.start_timeout, self.stats_interval, self.spinning = start_timeout, stats_interval, spinning
+        self.max_inflight = max_inflight or credits * n_workers + len(plan.stages)
+        self.start_timeout = start_timeout
+        self.stats_interval = min(stats_interval, heartbeat_timeout / 4)
+        self.spinning = spinning
         self._own_run_dir = run_dir is None
         self.run_dir = run_dir or tempfile.mkdtemp(prefix="hetsched-")
         self.workers: list[WorkerHandle] = []
-        self.inflight: dict[int, _InFlight] = {}
-        self._next_id = 0
+        self._by_wid: dict[int, WorkerHandle] = {}
+        self._by_ident: dict[bytes, WorkerHandle] = {}
+        self.ledger = Ledger(len(plan.stages), self.max_inflight, max_failures)
+        self.dispatcher = Dispatcher()
+        self.supervisor = Supervisor(heartbeat_timeout=heartbeat_timeout, start_timeout=start_timeout)
+        self.rings: list[Ring] = []
+        self._carry: dict[int, list] = {}          # tcp: tensors a frame carries to its next stage
+        self._regions: dict[int, dict] = {}        # client shared-memory regions stage 0 maps
         self._ctx: zmq.Context | None = None
-        self._feed = self._results = self._ctl = None
-        self._started = self._stopped = False
-        self.completed = 0
-        self.failed = 0
-        self.t_started = 0.0
-        self._in_expected = [(t.dtype, t.shape) for t in graph.inputs]
-        self._out_expected = [(t.dtype, t.shape) for t in graph.outputs]
-        self.frame_errors: deque = deque(maxlen=100)
-        self._last_check = 0.0
+        self._results = self._ctl = None
         self.link_keys: LinkKeys | None = None
         self._link_auth = None
-        self._outq: deque = deque()            # messages for stage 0 not yet accepted by zmq (never blocks)
-        self._specs: dict[tuple[int, int], dict] = {}
-        self._downstream: dict[tuple[int, int], list[str]] = {}
-        self.stats_interval = min(stats_interval, heartbeat_timeout / 4)
-        self.supervisor = Supervisor(heartbeat_timeout=heartbeat_timeout, start_timeout=start_timeout)
-        self.recovery_times: list[float] = []  # seconds from a failure to the replay of its frames
-        self.replayed = 0
-        self.duplicates_dropped = 0
+        self._started = self._stopped = False
+        self.completed = self.failed = 0
+        self.t_started = 0.0
+        self.recovery_times: deque = deque(maxlen=100)
+        self.frame_errors: deque = deque(maxlen=100)
+        self._last_check = 0.0
+        self._in_expected = [(t.dtype, tuple(t.shape)) for t in graph.inputs]
+        self._tcp = transport == "tcp"
 
-    # ---------------------------------------------------------------- endpoints
-    def _endpoint(self, name: str) -> str:
-        if self.transport == "tcp":
-            return f"tcp://{self.host}:*"
-        return f"ipc://{os.path.join(self.run_dir, name)}"
+    # ---------------------------------------------------------------- compatibility figures
+    @property
+    def inflight(self) -> dict[int, FrameRec]:
+        return self.ledger.frames
+
+    @property
+    def replayed(self) -> int:
+        return self.ledger.replayed
+
+    @property
+    def duplicates_dropped(self) -> int:
+        return self.ledger.duplicates
 
     # ---------------------------------------------------------------- start
+    def _endpoint(self, name: str) -> str:
+        return f"tcp://{self.host}:*" if self._tcp else f"ipc://{os.path.join(self.run_dir, name)}"
+
     def start(self) -> "Pipeline":
         if self._started:
             return self
@@ -177,229 +142,184 @@ class Pipeline:
 
     def _start(self) -> None:
         keep_large_buffers()
+        sweep_stale_rings()
         self._ctx = zmq.Context()
-        # over tcp:// every link (data and control) is CURVE-encrypted with keys made for this run only
-        self.link_keys = LinkKeys.generate() if self.transport == "tcp" else None
+        self.link_keys = LinkKeys.generate() if self._tcp else None
         self._link_auth = start_link_authenticator(self._ctx, self.link_keys, "coordinator control/results")
         self._ctl = self._ctx.socket(zmq.ROUTER)
         self._ctl.setsockopt(zmq.LINGER, 0)
         self._ctl.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes over its identity
         secure_link_server(self._ctl, self.link_keys)
         self._ctl.bind(self._endpoint("ctl"))
-        ctl_ep = self._ctl.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._results = self._ctx.socket(zmq.PULL)
-        self._results.setsockopt(zmq.RCVHWM, max(self.hwm, 2))
+        self._results.setsockopt(zmq.RCVHWM, 100000)
         self._results.setsockopt(zmq.LINGER, 0)
         secure_link_server(self._results, self.link_keys)
         self._results.bind(self._endpoint("results"))
+        ctl_ep = self._ctl.getsockopt(zmq.LAST_ENDPOINT).decode()
         results_ep = self._results.getsockopt(zmq.LAST_ENDPOINT).decode()
-
-        for stage in self.plan.stages:
-            g_first, g_last, has_prep = self.graph_range(stage)
-            path = None
-            if g_last >= g_first:
-                sub = extract_stage(self.model, self.graph, g_first, g_last)
-                path = os.path.join(self.run_dir, f"stage{stage.index}.onnx")
-                onnx.save(sub, path)
-                passthrough = passthrough_names(self.graph, g_first, g_last)
-            else:  # preprocessing only: the decoded image is passed on as the model input
-                passthrough = [t.name for t in self.graph.inputs]
-            inputs = [t.to_dict() for t in self.graph.boundaries[g_first]]
-            for r, cores in enumerate(stage.replica_cores()):
-                self._specs[(stage.index, r)] = {
-                    "stage": stage.index, "replica": r, "cores": list(cores), "threads": stage.threads,
-                    "model_path": path, "inputs": inputs, "passthrough": passthrough,
-                    "preprocess": dataclasses.asdict(self.preprocess) if has_prep else None,
-                    "image_limits": dataclasses.asdict(self.image_limits) if (has_prep and self.image_limits) else {},
-                    "ctl_endpoint": ctl_ep, "bind": self._endpoint(f"s{stage.index}r{r}"), "hwm": self.hwm,
-                    "parent_pid": os.getpid(), "stats_interval": self.stats_interval,
-                    "spinning": self.spinning, "connect_timeout": self.start_timeout,
-                    "log_level": logging.getLogger("hetsched").getEffectiveLevel(),
-                    "link_keys": self.link_keys.to_dict() if self.link_keys else None,
-                }
-                self.workers.append(WorkerHandle(stage.index, r, tuple(cores), stage.threads,
-                                                 self._spawn((stage.index, r)), f"s{stage.index}r{r}".encode()))
-        self._await("READY")
-        self._check_shapes()
-        by_stage: dict[int, list[str]] = {}
+        stages = self.plan.stages
+        bounds = [self.graph.boundaries[s.first_layer] for s in stages] + [self.graph.boundaries[-1]]
+        ring_specs: list[RingSpec | None] = [None] * len(bounds)
+        if not self._tcp:
+            token = os.urandom(4).hex()
+            for b, tensors in enumerate(bounds):
+                ring_specs[b] = RingSpec(new_ring_name(b, token), self.max_inflight, _descs(tensors))
+                self.rings.append(create_ring(ring_specs[b]))
+        last = len(stages) - 1
+        wid = 0
+        for st in stages:
+            path = os.path.join(self.run_dir, f"stage{st.index}.onnx")
+            onnx.save(extract_stage(self.model, self.graph, st.first_layer, st.last_layer), path)
+            passthrough = tuple(passthrough_names(self.graph, st.first_layer, st.last_layer))
+            for cluster, cores, threads, service_ms in st.workers():
+                spec = WorkerSpec(
+                    stage=st.index, worker=wid, cores=tuple(cores), threads=threads, model_path=path,
+                    inputs=_descs(bounds[st.index]), outputs=_descs(bounds[st.index + 1]), passthrough=passthrough,
+                    data_endpoint=self._endpoint(f"w{wid}"), results_endpoint=results_ep, ctl_endpoint=ctl_ep,
+                    parent_pid=os.getpid(), in_ring=ring_specs[st.index], out_ring=ring_specs[st.index + 1],
+                    preprocess=self.preprocess if st.index == 0 else None,
+                    image_limits=dataclasses.asdict(self.image_limits) if (st.index == 0 and self.image_limits) else None,
+                    topk=self.topk if st.index == last else None, stats_interval=self.stats_interval,
+                    connect_timeout=self.start_timeout,
+                    log_level=logging.getLogger("hetsched").getEffectiveLevel(),
+                    link_keys=self.link_keys.to_dict() if self.link_keys else None, spinning=self.spinning)
+                w = WorkerHandle(spec, cluster, service_ms)
+                self.workers.append(w)
+                self._by_wid[wid], self._by_ident[w.identity] = w, w
+                self.dispatcher.add(wid, st.index, service_ms / 1e3, self.credits)
+                wid += 1
         for w in self.workers:
-            by_stage.setdefault(w.stage, []).append(w.endpoint)
-        last = len(self.plan.stages) - 1
+            w.spawn()
+        self._await(lambda w: w.ready is not None, "READY")
         for w in self.workers:
-            self._downstream[w.key] = by_stage[w.stage + 1] if w.stage < last else [results_ep]
-            self._ctl.send_multipart([w.identity, control("CONNECT", endpoints=self._downstream[w.key])])
-            # a replacement binds the same address, so its neighbours reconnect by themselves
-            self._specs[w.key]["bind"] = w.endpoint
-        self._await("RUNNING")
+            self._go(w)
+        self._await(lambda w: w.running, "RUNNING")
         now = time.monotonic()
         for w in self.workers:
-            stage = self.plan.stages[w.stage]
-            # a stage busy with one long frame sends no heartbeat meanwhile: allow for it
-            hb = max(self.supervisor.heartbeat_timeout, 3 * stage.service_ms / 1e3 + 0.5)
-            self.supervisor.add(w.key, now, hb)
-            self.supervisor.on_running(w.key, now)
-        self._feed = self._ctx.socket(zmq.PUSH)
-        self._feed.setsockopt(zmq.SNDHWM, self.hwm)
-        self._feed.setsockopt(zmq.LINGER, 0)
-        secure_link_client(self._feed, self.link_keys)
-        for ep in by_stage[0]:
-            self._feed.connect(ep)
+            # a worker busy with one long frame sends no heartbeat meanwhile: allow for it
+            hb = max(self.supervisor.heartbeat_timeout, 3 * w.predicted_ms / 1e3 + 0.5)
+            self.supervisor.add(w.wid, now, hb)
+            self.supervisor.on_running(w.wid, now)
         self.t_started = time.monotonic()
-        log.info("pipeline running: %d stages, %d workers", len(self.plan.stages), len(self.workers))
+        log.info("pipeline running: %d stages, %d workers, %d slots", len(stages), len(self.workers),
+                 self.max_inflight)
 
-    def _spawn(self, key: tuple[int, int]):
-        from workers.stage_worker import run as worker_run
-        proc = mp.get_context("spawn").Process(target=worker_run, args=(self._specs[key],),
-                                               name=f"hetsched-stage{key[0]}r{key[1]}", daemon=True)
-        proc.start()
-        return proc
-
-    def graph_range(self, stage) -> tuple[int, int, bool]:
-        """(first graph layer, last graph layer, does preprocessing) of a plan stage; last < first when
-        the stage only preprocesses."""
-        return (max(stage.first_layer - self._offset, 0), stage.last_layer - self._offset,
-                self._offset == 1 and stage.first_layer == 0)
-
-    def _worker(self, identity: bytes) -> WorkerHandle | None:
-        for w in self.workers:
-            if w.identity == identity:
-                return w
-        return None
-
-    def _await(self, what: str) -> None:
-        pending = {w.identity for w in self.workers}
+    def _await(self, done, what: str) -> None:
         deadline = time.monotonic() + self.start_timeout
-        while pending:
+        while not all(done(w) for w in self.workers):
             if time.monotonic() > deadline:
-                names = ", ".join(sorted(p.decode() for p in pending))
+                names = ", ".join(w.spec.name for w in self.workers if not done(w))
                 raise WorkerDied(f"timed out after {self.start_timeout:.0f}s waiting for {what} from {names}")
             for w in self.workers:
-                if w.identity in pending and not w.process.is_alive():
-                    raise WorkerDied(f"stage {w.stage} replica {w.replica} (pid {w.pid}) "
-                                     f"{describe_exit(w.process.exitcode)} before {what}")
-            if not self._ctl.poll(100):
-                continue
-            identity, raw = self._ctl.recv_multipart()
-            msg = parse_control(raw)
-            w = self._worker(identity)
-            if w is None:
-                continue
-            if msg["type"] == "FAILED":
-                raise WorkerDied(f"stage {w.stage} replica {w.replica} failed to start: {msg['error']}")
-            if msg["type"] == what:
-                pending.discard(identity)
-                w.last_seen = time.monotonic()
-                if what == "READY":
-                    w.ready, w.endpoint = msg, msg["endpoint"]
-            elif msg["type"] == "STATS":
-                self._on_stats(w, msg)
+                if not done(w) and not w.process.is_alive():
+                    raise WorkerDied(f"{w.spec.name} (pid {w.pid}) {describe_exit(w.process.exitcode)} before {what}")
+            if self._ctl.poll(100):
+                self._drain_control([], starting=True)
 
-    def _check_shapes(self) -> None:
+    def _go(self, w: WorkerHandle) -> None:
+        """A READY worker: (re)connect its work socket, tell it the client regions, let it run."""
+        if w.feed is not None:
+            w.feed.close(linger=0)  # drops anything still queued for a dead predecessor
+        w.feed = self._ctx.socket(zmq.PUSH)
+        w.feed.setsockopt(zmq.SNDHWM, 1000)
+        w.feed.setsockopt(zmq.LINGER, 0)
+        secure_link_client(w.feed, self.link_keys)
+        w.feed.connect(w.endpoint)
+        if w.stage == 0:
+            for rid, reg in self._regions.items():
+                self._ctl.send_multipart([w.identity, sp.control("REGION", id=rid, **reg)])
+        self._ctl.send_multipart([w.identity, sp.control("GO")])
+
+    # ---------------------------------------------------------------- client regions (stage 0 maps them)
+    def add_region(self, rid: int, name: str, slots: int, slot_bytes: int) -> None:
+        self._regions[rid] = {"name": name, "slots": slots, "slot_bytes": slot_bytes}
         for w in self.workers:
-            self._check_worker(w)
+            if w.stage == 0 and w.ready is not None:
+                self._ctl.send_multipart([w.identity, sp.control("REGION", id=rid, **self._regions[rid])])
 
-    def _check_worker(self, w: WorkerHandle) -> None:
-        g_first, g_last, _ = self.graph_range(self.plan.stages[w.stage])
-        if g_last < g_first:
-            return  # preprocessing-only stage: no session
-        want_in = {t.name: t for t in self.graph.boundaries[g_first]}
-        passthrough = set(w.ready.get("passthrough", []))
-        want_out = {t.name: t for t in self.graph.boundaries[g_last + 1] if t.name not in passthrough}
-        got_in = {i["name"]: i for i in w.ready["inputs"]}
-        got_out = {o["name"]: o for o in w.ready["outputs"]}
-        if not set(got_in) <= set(want_in):
-            raise ShapeMismatch(f"stage {w.stage}: inputs {sorted(got_in)}, plan expects {sorted(want_in)}")
-        if sorted(got_out) != sorted(want_out):
-            raise ShapeMismatch(f"stage {w.stage}: outputs {sorted(got_out)}, plan expects {sorted(want_out)}")
-        for name, rep in list(got_in.items()) + list(got_out.items()):
-            want = want_in.get(name) or want_out.get(name)
-            if not _ort_shape_ok(rep, want):
-                raise ShapeMismatch(f"stage {w.stage} tensor {name!r}: session has {rep['type']}{rep['shape']}, "
-                                    f"plan expects {want.dtype}{list(want.shape)}")
-        if sorted(w.ready["cores"]) != sorted(w.cores):
-            raise WorkerDied(f"stage {w.stage} replica {w.replica} runs on cores {w.ready['cores']}, "
-                             f"plan says {list(w.cores)}")
+    def remove_region(self, rid: int) -> None:
+        if self._regions.pop(rid, None) is not None:
+            for w in self.workers:
+                if w.stage == 0 and w.ready is not None:
+                    self._ctl.send_multipart([w.identity, sp.control("UNREGION", id=rid)])
 
-    # ---------------------------------------------------------------- data path
+    # ---------------------------------------------------------------- submitting
     @property
     def can_submit(self) -> bool:
-        return not self.supervisor.recovering and len(self.inflight) < self.max_inflight
+        return self.ledger.free_slots > 0
 
-    def submit(self, arrays: Sequence[np.ndarray] | np.ndarray, tag: Any = None) -> int:
-        """Send one frame (model inputs in graph order) into stage 0; returns its frame id.
-
-        Does not block on the in-flight window: check ``can_submit`` or use ``run``.
-        """
+    def submit(self, arrays: Sequence[np.ndarray] | np.ndarray, tag: Any = None, want_outputs: bool = True) -> int:
+        """One frame of model inputs (graph order), copied into the frame's input slot."""
         if isinstance(arrays, np.ndarray):
             arrays = [arrays]
-        arrays = [np.ascontiguousarray(a) for a in arrays]
         got = [(a.dtype.name, tuple(a.shape)) for a in arrays]
         if got != self._in_expected:
             raise ShapeMismatch(f"input {got}, model expects {self._in_expected}")
-        fid = self._next_id
-        self._next_id += 1
-        t = time.monotonic()
-        header = encode_header(fid, t, arrays)
-        self._send_feed([header, *arrays])
-        self.inflight[fid] = _InFlight(list(arrays), t, tag, [(a.dtype.name, a.shape) for a in arrays])
-        return fid
+        if self._tcp:
+            rec = self.ledger.admit((SRC_TENSORS, [np.ascontiguousarray(a) for a in arrays]), time.monotonic(),
+                                    tag, want_outputs)
+        else:
+            rec = self.ledger.admit((SRC_RING, None), time.monotonic(), tag, want_outputs)
+            for dst, a in zip(self.rings[0].views(rec.slot), arrays):
+                np.copyto(dst, a)
+        self._pump()
+        return rec.fid
 
-    def submit_shm(self, ref: dict, dtype: str, shape: tuple[int, ...], tag: Any = None) -> int:
-        """Send a reference to an input in a shared-memory slot (``hetsched.wire.shm``); stage 0 reads it there."""
-        if [(dtype, tuple(shape))] != self._in_expected:
-            raise ShapeMismatch(f"input {dtype}{list(shape)}, model expects {self._in_expected}")
-        fid = self._next_id
-        self._next_id += 1
-        t = time.monotonic()
-        payload = control("SHM", **ref)
-        desc = [(dtype, tuple(shape))]
-        self._send_feed([encode_header_desc(fid, t, desc, kind=KIND_SHM), payload])
-        self.inflight[fid] = _InFlight([payload], t, tag, desc, KIND_SHM)
-        return fid
+    def submit_region(self, rid: int, slot: int, tag: Any = None, want_outputs: bool = False) -> int:
+        """An input that sits in a client's registered shared-memory region (stage 0 reads it there)."""
+        rec = self.ledger.admit((SRC_REGION, (rid, slot)), time.monotonic(), tag, want_outputs)
+        self._pump()
+        return rec.fid
 
-    def submit_encoded(self, data: bytes | Any, tag: Any = None) -> int:
-        """Send one encoded JPEG/PNG image; stage 0 decodes and preprocesses it."""
+    def submit_encoded(self, data: Any, tag: Any = None, want_outputs: bool = False) -> int:
+        """An encoded JPEG/PNG image (bytes or a zmq Frame); a stage-0 worker decodes it."""
         if self.preprocess is None:
-            raise ProtocolError("NO_PREPROCESS", "this pipeline takes tensors only (no preprocessing stage)")
-        buf = data.buffer if hasattr(data, "buffer") else data
-        arr = np.frombuffer(buf, dtype=np.uint8)
-        fid = self._next_id
-        self._next_id += 1
-        t = time.monotonic()
-        self._send_feed([encode_header(fid, t, [arr]), data])
-        self.inflight[fid] = _InFlight([data], t, tag, [("uint8", arr.shape)])
-        return fid
+            raise ProtocolError("NO_PREPROCESS", "this pipeline takes tensors only (no image preprocessing)")
+        rec = self.ledger.admit((SRC_BYTES, data), time.monotonic(), tag, want_outputs)
+        self._pump()
+        return rec.fid
 
-    def _send_feed(self, parts: list) -> None:
-        self._outq.append(parts)
-        self._flush_feed()
+    # ---------------------------------------------------------------- dispatching
+    def _pump(self) -> None:
+        ledger, disp = self.ledger, self.dispatcher
+        now = time.monotonic()
+        for stage in range(len(self.plan.stages) - 1, -1, -1):  # later stages first: finish what is started
+            while ledger.waiting[stage]:
+                wid = disp.pick(stage, now)
+                if wid is None:
+                    break
+                rec = ledger.assign(stage, wid)
+                self._send_work(self._by_wid[wid], rec)
+                disp.on_dispatch(wid, now)
 
-    def _flush_feed(self) -> None:
-        """Hand queued frames to zmq without ever blocking the coordinator's loop."""
-        while self._outq:
-            try:
-                self._feed.send_multipart(self._outq[0], flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self._outq.popleft()
+    def _send_work(self, w: WorkerHandle, rec: FrameRec) -> None:
+        if rec.stage > 0:
+            if self._tcp:
+                parts = [sp.pack_work(sp.KIND_TENSORS, rec.fid, rec.attempt, rec.slot, rec.t_submit),
+                         *self._carry[rec.fid]]
+            else:
+                parts = [sp.pack_work(sp.KIND_RING, rec.fid, rec.attempt, rec.slot, rec.t_submit)]
+        else:
+            kind, payload = rec.source
+            if kind == SRC_RING:
+                parts = [sp.pack_work(sp.KIND_RING, rec.fid, rec.attempt, rec.slot, rec.t_submit)]
+            elif kind == SRC_REGION:
+                parts = [sp.pack_work(sp.KIND_REGION, rec.fid, rec.attempt, rec.slot, rec.t_submit,
+                                      region=payload[0], region_slot=payload[1])]
+            elif kind == SRC_BYTES:
+                parts = [sp.pack_work(sp.KIND_BYTES, rec.fid, rec.attempt, rec.slot, rec.t_submit), payload]
+            else:
+                parts = [sp.pack_work(sp.KIND_TENSORS, rec.fid, rec.attempt, rec.slot, rec.t_submit), *payload]
+        w.feed.send_multipart(parts, copy=False)  # never blocks: credits bound what a worker holds
 
-    def _replay(self) -> None:
-        """Resend every frame in flight; results already delivered are never delivered twice."""
-        self._outq.clear()
-        for fid in sorted(self.inflight):
-            entry = self.inflight[fid]
-            header = encode_header_desc(fid, entry.t_submit, entry.tensors, kind=entry.kind)
-            self._outq.append([header, *entry.frames])
-        self.replayed += len(self.inflight)
-        self._flush_feed()
-
+    # ---------------------------------------------------------------- the loop
     def register(self, poller: zmq.Poller) -> None:
         """Add the pipeline's sockets to a caller's poller (see ``process``)."""
         poller.register(self._results, zmq.POLLIN)
         poller.register(self._ctl, zmq.POLLIN)
 
     def poll(self, timeout_ms: int = 100) -> list[FrameResult]:
-        """Wait up to timeout_ms for results and control messages; return finished frames."""
         poller = zmq.Poller()
         self.register(poller)
         return self.process(dict(poller.poll(timeout_ms)))
@@ -407,114 +327,155 @@ class Pipeline:
     def process(self, events: dict) -> list[FrameResult]:
         """Handle whatever of the pipeline's sockets is ready in ``events``; return finished frames."""
         done: list[FrameResult] = []
+        if self._results in events:
+            recv = self._results.recv_multipart
+            for _ in range(1000):
+                try:
+                    parts = recv(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._on_done(parts, done)
         if self._ctl in events:
             self._drain_control(done)
-        if self._results in events:
-            while self._results.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                res = self._on_result(self._results.recv_multipart(copy=False))
-                if res is not None:
-                    done.append(res)
-        if self._outq:
-            self._flush_feed()
         now = time.monotonic()
         if now - self._last_check > 0.05:
             self._last_check = now
-            self._supervise(now)
+            self._supervise(now, done)
+        self._pump()
         return done
 
-    def _supervise(self, now: float) -> None:
-        sup = self.supervisor
-        alive = {w.key: w.process.is_alive() for w in self.workers}
-        for w in self.workers:
-            sup.mark_stable(w.key, now)
-        for action in sup.tick(now, alive):
-            w = next((x for x in self.workers if x.key == action.key), None)
-            if action.kind == "kill" and w is not None:
-                log.warning("stage %d replica %d (pid %s) %s: killing it", w.stage, w.replica, w.pid, action.reason)
-                w.process.kill()
-                w.process.join(2.0)
-            elif action.kind == "spawn" and w is not None:
-                code = w.process.exitcode
-                log.warning("stage %d replica %d (pid %s) %s (%s); restarting it on cores %s (restart %d)",
-                            w.stage, w.replica, w.pid, action.reason, describe_exit(code), list(w.cores),
-                            sup.slots[w.key].restarts)
-                w.process.join(0.5)
-                for k in ("frames", "errors", "wait_s", "compute_s", "send_s"):
-                    w.carry[k] = w.carry.get(k, 0) + w.stats.get(k, 0)
-                w.stats = {"all_samples": w.stats.get("all_samples", [])}
-                w.ready = None
-                w.process = self._spawn(w.key)
-            elif action.kind == "replay":
-                if sup.t_failure is not None:
-                    self.recovery_times.append(now - sup.t_failure)
-                log.warning("all stages running again; replaying %d frames in flight", len(self.inflight))
-                self._replay()
+    def _on_done(self, parts: list, done: list[FrameResult]) -> None:
+        try:
+            d = sp.unpack_done(parts[0].buffer)
+        except ProtocolError as exc:
+            log.warning("bad done message: %s", exc)
+            return
+        now = time.monotonic()
+        hop = Hop(d.stage, d.worker, d.t_recv, d.t_start, d.t_end)
+        if d.kind == sp.KIND_FAILED:
+            detail = parts[1].bytes.decode("utf-8", "replace") if len(parts) > 1 else d.code
+            out = self.ledger.on_failed(d.frame_id, d.stage, d.attempt, d.worker, d.code, detail)
+        else:
+            out = self.ledger.on_done(d.frame_id, d.stage, d.attempt, d.worker, hop)
+        if out.kind == "stale":
+            return
+        self.dispatcher.on_done(d.worker, now, d.t_end - d.t_start)
+        rec = out.frame
+        if out.kind == "advance":
+            if self._tcp:
+                self._carry[rec.fid] = parts[1:]
+            return
+        if out.kind == "failed":
+            self.frame_errors.append({"frame_id": rec.fid, "stage": d.stage, "code": out.code, "error": out.detail})
+            done.append(self._finish(rec, now, error=out.detail, code=out.code))
+            return
+        outputs: list[np.ndarray] = []
+        if rec.want_outputs:
+            if self._tcp:
+                outputs = [np.frombuffer(f.buffer, dtype=t.dtype).reshape(t.shape)
+                           for f, t in zip(parts[1:], self.graph.outputs)]
+            else:
+                outputs = [v.copy() for v in self.rings[-1].views(rec.slot)]
+        done.append(self._finish(rec, now, outputs=outputs, top=d.top))
 
-    def _on_result(self, parts: list) -> FrameResult | None:
-        t_done = time.monotonic()
-        hdr = decode_header(parts[0].buffer)
-        entry = self.inflight.pop(hdr.frame_id, None)
-        if entry is None:  # a replayed frame finished twice: the first result was delivered
-            self.duplicates_dropped += 1
-            return None
-        outs = views(hdr, parts[1:], self._out_expected)
-        self.completed += 1
-        return FrameResult(hdr.frame_id, outs, hdr.hops, hdr.t_submit, t_done, entry.tag)
+    def _finish(self, rec: FrameRec, now: float, outputs=None, top=None, error=None, code=None) -> FrameResult:
+        if error is None:
+            self.completed += 1
+        else:
+            self.failed += 1
+        self._carry.pop(rec.fid, None)
+        self.ledger.release(rec.fid)
+        return FrameResult(rec.fid, outputs or [], top, rec.hops, rec.t_submit, now, rec.tag, error, code)
 
-    def _drain_control(self, done: list[FrameResult]) -> None:
+    def _drain_control(self, done: list[FrameResult], starting: bool = False) -> None:
         while True:
             try:
                 identity, raw = self._ctl.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
+            except ValueError:
+                continue
             try:
-                msg = parse_control(raw)
+                msg = sp.parse_control(raw)
             except ProtocolError as exc:
                 log.warning("bad control message: %s", exc)
                 continue
-            w = self._worker(identity)
+            w = self._by_ident.get(identity)
             if w is None:
                 continue
-            now = w.last_seen = time.monotonic()
-            if w.key in self.supervisor.slots:
-                self.supervisor.on_heartbeat(w.key, now)
-            if msg["type"] == "STATS":
-                if msg.get("pid") in (None, w.pid):
-                    self._on_stats(w, msg)
-            elif msg["type"] == "READY":  # a replacement worker
-                w.ready, w.endpoint = msg, msg["endpoint"]
+            now = time.monotonic()
+            if w.wid in self.supervisor.slots:
+                self.supervisor.on_heartbeat(w.wid, now)
+            kind = msg["type"]
+            if kind == "STATS":
+                w.on_stats(msg)
+            elif kind == "READY":
+                if msg.get("pid") not in (None, w.pid):
+                    continue
                 try:
-                    self._check_worker(w)
+                    check_ready(w, msg)
                 except (ShapeMismatch, WorkerDied) as exc:
-                    log.error("replacement for stage %d replica %d is wrong: %s", w.stage, w.replica, exc)
+                    if starting:
+                        raise
+                    log.error("replacement for %s is wrong: %s", w.spec.name, exc)
                     w.process.kill()
                     continue
-                self._ctl.send_multipart([w.identity, control("CONNECT", endpoints=self._downstream[w.key])])
-            elif msg["type"] == "RUNNING":
-                self.supervisor.on_running(w.key, now)
-            elif msg["type"] == "FRAME_ERROR":
-                fid = msg.get("frame_id")
-                entry = self.inflight.pop(fid, None) if fid is not None else None
-                self.frame_errors.append(msg)
-                if entry is not None:
-                    self.failed += 1
-                    done.append(FrameResult(fid, [], (), entry.t_submit, time.monotonic(), entry.tag,
-                                            error=msg.get("error"), code=msg.get("code")))
-            elif msg["type"] == "FAILED":
-                log.error("stage %d replica %d failed: %s", w.stage, w.replica, msg.get("error"))
+                w.ready, w.endpoint = msg, msg["endpoint"]
+                if not starting:
+                    self._go(w)
+            elif kind == "RUNNING":
+                w.running = True
+                if not starting:
+                    self.supervisor.on_running(w.wid, now)
+                    self.dispatcher.set_accepting(w.wid, True)
+                else:
+                    self.dispatcher.set_accepting(w.wid, True)
+            elif kind == "FAILED":
+                if starting:
+                    raise WorkerDied(f"{w.spec.name} failed to start: {msg.get('error')}")
+                log.error("%s failed: %s", w.spec.name, msg.get("error"))
                 w.process.kill()
 
-    def _on_stats(self, w: WorkerHandle, msg: dict) -> None:
-        prev = w.stats
-        samples = list(prev.get("all_samples", ()))[-4096:] + list(msg.get("samples", ()))
-        w.stats = {**msg, "all_samples": samples}
+    # ---------------------------------------------------------------- supervision
+    def _supervise(self, now: float, done: list[FrameResult]) -> None:
+        sup = self.supervisor
+        alive = {w.wid: w.process.is_alive() for w in self.workers}
+        for w in self.workers:
+            sup.mark_stable(w.wid, now)
+        for action in sup.tick(now, alive):
+            w = self._by_wid.get(action.key) if action.key is not None else None
+            if action.kind == "kill" and w is not None:
+                log.warning("%s (pid %s) %s: killing it", w.spec.name, w.pid, action.reason)
+                self.dispatcher.set_accepting(w.wid, False)
+                w.process.kill()  # reported lost once it is seen dead (no blocking join here)
+            elif action.kind == "lost" and w is not None:
+                self.dispatcher.set_accepting(w.wid, False)
+                outcomes = self.ledger.on_worker_lost(w.wid, action.reason or describe_exit(w.process.exitcode))
+                requeued = sum(1 for o in outcomes if o.kind == "requeued")
+                log.warning("%s (pid %s) %s (%s): %d frame(s) replayed elsewhere or after its restart",
+                            w.spec.name, w.pid, action.reason, describe_exit(w.process.exitcode), requeued)
+                for o in outcomes:
+                    if o.kind == "failed":
+                        log.error("frame %d failed: %s", o.frame.fid, o.detail)
+                        self.frame_errors.append({"frame_id": o.frame.fid, "stage": o.frame.stage,
+                                                  "code": o.code, "error": o.detail})
+                        done.append(self._finish(o.frame, now, error=o.detail, code=o.code))
+            elif action.kind == "spawn" and w is not None:
+                log.warning("restarting %s on cores %s (restart %d)", w.spec.name, list(w.cores),
+                            sup.slots[w.wid].restarts)
+                w.process.join(0)
+                w.retire_counters()
+                w.spawn()
+            elif action.kind == "recovered" and sup.t_failure is not None:
+                self.recovery_times.append(now - sup.t_failure)
 
+    # ---------------------------------------------------------------- convenience for library use
     def run(self, inputs: Iterable[Sequence[np.ndarray] | np.ndarray], timeout: float = 60.0) -> Iterator[FrameResult]:
-        """Stream ``inputs`` through the pipeline; yield results in input order."""
+        """Stream ``inputs`` through the pipeline; yield results (with outputs) in input order."""
         it = iter(inputs)
         exhausted = False
         pending: dict[int, FrameResult] = {}
-        next_out = self._next_id
+        order: deque[int] = deque()
         last_progress = time.monotonic()
         while True:
             while not exhausted and self.can_submit:
@@ -523,39 +484,41 @@ class Pipeline:
                 except StopIteration:
                     exhausted = True
                     break
-                self.submit(x)
-            if exhausted and not self.inflight and not pending:
+                order.append(self.submit(x))
+            if exhausted and not order:
                 return
             for res in self.poll(50):
                 pending[res.frame_id] = res
                 last_progress = time.monotonic()
-            while next_out in pending:
-                yield pending.pop(next_out)
-                next_out += 1
-            if exhausted and not self.inflight and next_out not in pending and pending:
-                next_out = min(pending)
-            if self.inflight and time.monotonic() - last_progress > timeout:
-                raise HetschedError(f"no result for {timeout:.0f} s with {len(self.inflight)} frames in flight")
+            while order and order[0] in pending:
+                yield pending.pop(order.popleft())
+            if self.ledger.in_flight and time.monotonic() - last_progress > timeout:
+                raise HetschedError(f"no result for {timeout:.0f} s with {self.ledger.in_flight} frames in flight")
 
     def drain(self, timeout: float = 10.0) -> list[FrameResult]:
         deadline = time.monotonic() + timeout
         done = []
-        while self.inflight and time.monotonic() < deadline:
+        while self.ledger.in_flight and time.monotonic() < deadline:
             done += self.poll(50)
         return done
 
-    # ---------------------------------------------------------------- stats
+    # ---------------------------------------------------------------- statistics
     def stage_stats(self) -> list[dict]:
-        """Per stage: frames, compute/wait/send seconds, recent compute samples, from worker STATS."""
+        """Per stage: frames, compute/wait/send seconds, recent compute samples, per-worker detail."""
         out = []
-        for stage in self.plan.stages:
-            ws = [w for w in self.workers if w.stage == stage.index]
-            agg = {"stage": stage.index, "replicas": len(ws), "pids": [w.pid for w in ws],
-                   "frames": 0, "errors": 0, "wait_s": 0.0, "compute_s": 0.0, "send_s": 0.0, "samples": []}
+        for st in self.plan.stages:
+            ws = [w for w in self.workers if w.stage == st.index]
+            agg: dict[str, Any] = {"stage": st.index, "replicas": len(ws), "pids": [w.pid for w in ws],
+                                   "samples": [], "workers": []}
+            for k in STAT_KEYS:
+                agg[k] = sum(w.total(k) for w in ws)
             for w in ws:
-                for k in ("frames", "errors", "wait_s", "compute_s", "send_s"):
-                    agg[k] += w.stats.get(k, 0) + w.carry.get(k, 0)
-                agg["samples"] += w.stats.get("all_samples", [])
+                agg["samples"] += w.samples
+                slot = self.dispatcher.workers.get(w.wid)
+                agg["workers"].append({"worker": w.wid, "pid": w.pid, "cluster": w.cluster, "cores": list(w.cores),
+                                       "threads": w.threads, "predicted_ms": w.predicted_ms,
+                                       "measured_service_ms": slot.service_s * 1e3 if slot else None,
+                                       **{k: w.total(k) for k in STAT_KEYS}})
             out.append(agg)
         return out
 
@@ -566,27 +529,28 @@ class Pipeline:
             return
         self._stopped = True
         try:
-            if drain_timeout and self.inflight and self._results is not None:
-                try:
-                    self.drain(drain_timeout)
-                except HetschedError as exc:
-                    log.warning("drain stopped: %s", exc)
+            if drain_timeout and self.ledger.in_flight and self._results is not None:
+                self.drain(drain_timeout)
             if self._ctl is not None:
                 for w in self.workers:
                     try:
-                        self._ctl.send_multipart([w.identity, control("STOP")], flags=zmq.NOBLOCK)
+                        self._ctl.send_multipart([w.identity, sp.control("STOP")], flags=zmq.NOBLOCK)
                     except zmq.ZMQError:
                         pass
                 deadline = time.monotonic() + grace
-                while any(w.process.is_alive() for w in self.workers) and time.monotonic() < deadline:
+                while any(w.process is not None and w.process.is_alive() for w in self.workers) \
+                        and time.monotonic() < deadline:
                     try:
                         if self._ctl.poll(50):
-                            self._drain_control([])
+                            self._drain_control([], starting=False)
                     except (zmq.ZMQError, HetschedError):
                         time.sleep(0.01)
         finally:
-            reap_processes([w.process for w in self.workers], grace=0.5)
-            for sock in (self._feed, self._results, self._ctl):
+            reap_processes([w.process for w in self.workers if w.process is not None], grace=0.5)
+            for w in self.workers:
+                if w.feed is not None:
+                    w.feed.close(linger=0)
+            for sock in (self._results, self._ctl):
                 if sock is not None:
                     sock.close(linger=0)
             if self._link_auth is not None:
@@ -594,6 +558,9 @@ class Pipeline:
                 self._link_auth = None
             if self._ctx is not None:
                 self._ctx.term()
+            for r in self.rings:
+                r.close()
+            self.rings = []
             if self._own_run_dir:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
 
@@ -602,17 +569,3 @@ class Pipeline:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop(drain_timeout=0 if exc[0] else 5.0)
-
-
-def reap_processes(procs: Sequence[Any], grace: float = 2.0) -> None:
-    """terminate -> wait -> kill -> join every process; on return all are joined."""
-    deadline = time.monotonic() + grace
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5.0)

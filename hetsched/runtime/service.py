@@ -16,9 +16,9 @@ import onnx
 from hetsched.config import Config, resolve_clusters
 import dataclasses
 
-from hetsched.planning.costs import (DEFAULT_PREPROCESS_MS, TYPICAL_ENCODED_BYTES, ClusterMeasurement,
-                            coordinator_ms, cost_table_from_measurements, flop_cost_table, flop_sanity,
-                            with_coordinator_overhead, with_preprocess_layer)
+from hetsched.planning.costs import (DEFAULT_PREPROCESS_MS, ClusterMeasurement, coordinator_ms,
+                                     cost_table_from_measurements, flop_cost_table, flop_sanity,
+                                     with_coordinator_overhead, with_input_work)
 from hetsched.model.graph import ModelGraph, analyze, load_model
 from hetsched.planning.planner import ClusterSpec, CostTable, Plan, TransferModel, plan_pipeline
 from hetsched.host.topology import Cluster, Topology, detect_topology
@@ -40,26 +40,22 @@ class Prepared:
     plan: Plan
     transfer: TransferModel
     warnings: list[str] = field(default_factory=list)
-    with_preprocess: bool = False  # layer 0 of the plan is image preprocessing
+    with_preprocess: bool = False  # stage 0's workers also decode encoded images
     coordinator_cores: tuple[int, ...] = ()  # where the coordinator process runs (pinned)
+    preprocess_ms: dict = field(default_factory=dict)  # cluster -> ms to decode + preprocess one typical image
+    encoded_share: float = 0.0     # share of encoded (JPEG/PNG) frames the plan was made for
 
     def cluster_specs(self) -> list[ClusterSpec]:
         return [ClusterSpec(c.name, c.cores) for c in self.clusters]
 
     def replan(self, **kw) -> Plan:
-        p = self.config.planner
-        args = dict(max_stages=p.max_stages, tie_tolerance=p.tie_tolerance, allow_replicas=p.allow_replicas,
-                    forced_cuts=p.forced_cuts)
-        args.update(kw)
-        return plan_pipeline(self.costs, self.cluster_specs(), self.transfer, **args)
+        return make_plan(self.config, self.costs, self.cluster_specs(), self.transfer, **kw)
 
-    def limit_fps(self) -> float:
-        """Sum over cores of each core's standalone single-thread throughput (from the profile)."""
-        total = 0.0
-        for m in self.measurements:
-            if m.whole_ms.get(1):
-                total += len(m.cores) * 1000.0 / m.whole_ms[1]
-        return total
+    def limit_fps(self, encoded_share: float = 0.0) -> float:
+        """Sum over cores of each core's standalone single-thread rate for the same work the pipeline
+        does: the model, plus decoding for the share of encoded frames (from the profile)."""
+        return sum(len(m.cores) * 1000.0 / (m.whole_ms[1] + encoded_share * (m.preprocess_ms or 0.0))
+                   for m in self.measurements if m.whole_ms.get(1))
 
 
 def emulated_cores(clusters: Sequence[Cluster], period_ms: float | None = None) -> list:
@@ -94,10 +90,29 @@ def emulation(clusters: Sequence[Cluster], period_ms: float | None = None,
         emu.stop()
 
 
+def encoded_share(cfg: Config, encoded: bool = False) -> float:
+    """The share of encoded (JPEG/PNG) frames to plan for: ``planner.traffic`` (auto plans for raw
+    tensors until the service sees what clients send; ``encoded`` forces JPEG)."""
+    return 1.0 if encoded or cfg.planner.traffic == "encoded" else 0.0
+
+
+def make_plan(cfg: Config, costs: CostTable, clusters: Sequence[ClusterSpec], transfer: TransferModel,
+              **overrides) -> Plan:
+    """The planner with the config's settings (``overrides`` win)."""
+    p = cfg.planner
+    args = dict(max_stages=p.max_stages, tie_tolerance=p.tie_tolerance, allow_replicas=p.allow_replicas,
+                allow_pools=p.allow_pools, forced_cuts=p.forced_cuts, objective=p.objective, target_fps=p.target_fps)
+    args.update(overrides)
+    return plan_pipeline(costs, clusters, transfer, **args)
+
+
 def prepare(cfg: Config, *, progress: Progress | None = None, sysfs_root: str = "/sys",
             use_cache: bool | None = None, clusters: list[Cluster] | None = None,
-            with_preprocess: bool = False) -> Prepared:
-    """Everything up to the plan. Call inside ``emulation(...)`` so costs see the emulated speed."""
+            with_preprocess: bool = False, encoded_share: float = 0.0) -> Prepared:
+    """Everything up to the plan. Call inside ``emulation(...)`` so costs see the emulated speed.
+
+    ``with_preprocess``: stage 0 also decodes images (its cost is measured per cluster);
+    ``encoded_share``: the share of encoded frames to plan for (0: raw tensors, 1: all JPEG)."""
     note = progress or (lambda msg: None)
     topo = detect_topology(sysfs_root)
     clusters = clusters if clusters is not None else resolve_clusters(cfg, topo)
@@ -120,72 +135,73 @@ def prepare(cfg: Config, *, progress: Progress | None = None, sysfs_root: str = 
             note(f"cluster {m.cluster}: whole model {m.whole_ms[1]:.2f} ms on 1 thread"
                  + "".join(f", {m.whole_ms[t]:.2f} ms on {t}" for t in m.whole_ms if t != 1)
                  + (f"; preprocessing {m.preprocess_ms:.2f} ms" if m.preprocess_ms else ""))
-        if with_preprocess:
-            costs = with_preprocess_layer(costs, {m.cluster: m.preprocess_ms for m in measurements})
-
+        prep_ms = {m.cluster: m.preprocess_ms or 0.0 for m in measurements}
     else:
         measurements = []
         costs = flop_cost_table(graph.layer_names, bbytes, [lay.flops for lay in graph.layers],
                                 [(c.name, len(c.cores), c.emulated_speed or c.speed) for c in clusters])
-        if with_preprocess:
-            costs = with_preprocess_layer(costs, {c.name: DEFAULT_PREPROCESS_MS / (c.emulated_speed or c.speed)
-                                                  for c in clusters})
+        prep_ms = {c.name: DEFAULT_PREPROCESS_MS / (c.emulated_speed or c.speed) for c in clusters}
+    if not with_preprocess:
+        prep_ms, encoded_share = {}, 0.0
+    costs = with_input_work(costs, {c: encoded_share * ms for c, ms in prep_ms.items()})
     home = coordinator_cluster(clusters)
-    in_bytes = TYPICAL_ENCODED_BYTES if with_preprocess else bbytes[0]
-    costs = with_coordinator_overhead(costs, home.name, len(home.cores), coordinator_ms(in_bytes))
+    costs = with_coordinator_overhead(costs, home.name, len(home.cores), coordinator_ms())
     transfer = TransferModel()
-    p = cfg.planner
-    plan = plan_pipeline(costs, [ClusterSpec(c.name, c.cores) for c in clusters], transfer,
-                         max_stages=p.max_stages, tie_tolerance=p.tie_tolerance, allow_replicas=p.allow_replicas,
-                         forced_cuts=p.forced_cuts)
+    specs = [ClusterSpec(c.name, c.cores) for c in clusters]
+    plan = make_plan(cfg, costs, specs, transfer)
     if cfg.profile.measure and cfg.profile.refine and measurements:
-        costs, plan = refine_plan(cfg, model, graph, clusters, measurements, costs, plan, transfer,
-                                  1 if with_preprocess else 0, note,
+        costs, plan = refine_plan(cfg, model, graph, clusters, measurements, costs, plan, transfer, note,
                                   cfg.profile.cache if use_cache is None else use_cache)
     return Prepared(cfg, topo, list(clusters), model, graph, measurements, costs, plan, transfer, warnings,
-                    with_preprocess, tuple(home.cores))
+                    with_preprocess, tuple(home.cores), prep_ms, encoded_share)
 
 
 def refine_plan(cfg: Config, model, graph: ModelGraph, clusters, measurements, costs: CostTable, plan: Plan,
-                transfer: TransferModel, offset: int, note: Progress, use_cache: bool) -> tuple[CostTable, Plan]:
-    """Time the planned stages as whole sub-models on their clusters, scale the layers' costs by
-    measured/predicted, and plan again (up to ``profile.refine`` rounds, until the plan holds).
+                transfer: TransferModel, note: Progress, use_cache: bool) -> tuple[CostTable, Plan]:
+    """Time the planned stages as whole sub-models on the clusters of their pool members, scale the
+    layers' costs by measured/predicted, and plan again (up to ``profile.refine`` rounds, until the
+    plan holds).
 
     Layers timed one by one miss what a whole stage does (fusion across layer boundaries, cache
     reuse, per-run overheads); this closes most of that gap for the stages actually chosen."""
-    from hetsched.profiling.measure import measure_stages
     from hetsched.planning.costs import rescale_range
-    p = cfg.planner
+    from hetsched.profiling.measure import measure_stages
     empty = {m.cluster: m.empty_ms for m in measurements}
+    specs = [ClusterSpec(c.name, c.cores) for c in clusters]
     seen: set = set()
     for _ in range(cfg.profile.refine):
-        reqs = []
-        for st in plan.stages:
-            first, last = max(st.first_layer, offset), st.last_layer
-            if last >= first and (st.cluster, first, last, st.threads) not in seen:
-                reqs.append((st.cluster, first - offset, last - offset, st.threads))
+        reqs = sorted({(m.cluster, st.first_layer, st.last_layer, m.threads) for st in plan.stages
+                       for m in st.members} - seen)
         if not reqs:
             break
         timed = measure_stages(model, graph, clusters, reqs, repeats=max(10, cfg.profile.repeats // 2),
                                warmup=cfg.profile.warmup, use_cache=use_cache, cache_dir=cfg.profile.cache_dir,
                                progress=note)
-        for (c, gf, gl, t), ms in timed.items():
-            seen.add((c, gf + offset, gl + offset, t))
-            predicted = sum(costs.layer_ms[c][t][gf + offset:gl + offset + 1])
+        for (c, first, last, t), ms in timed.items():
+            seen.add((c, first, last, t))
+            predicted = sum(costs.layer_ms[c][t][first:last + 1])
             measured = max(0.0, ms - empty[c].get(t, empty[c][1]))
             if predicted > 0 and abs(measured / predicted - 1.0) > 0.02:
-                note(f"cluster {c}: layers {gf + offset}..{gl + offset} take {measured:.2f} ms as one stage, "
+                note(f"cluster {c}: layers {first}..{last} take {measured:.2f} ms as one stage, "
                      f"predicted {predicted:.2f}: correcting")
-                costs = rescale_range(costs, c, gf + offset, gl + offset, measured / predicted)
-        new = plan_pipeline(costs, [ClusterSpec(c.name, c.cores) for c in clusters], transfer,
-                            max_stages=p.max_stages, tie_tolerance=p.tie_tolerance, allow_replicas=p.allow_replicas,
-                            forced_cuts=p.forced_cuts)
-        same = [(s.cluster, s.first_layer, s.last_layer, s.threads) for s in new.stages] == \
-               [(s.cluster, s.first_layer, s.last_layer, s.threads) for s in plan.stages]
+                costs = rescale_range(costs, c, first, last, measured / predicted)
+        new = make_plan(cfg, costs, specs, transfer)
+        same = new.shape() == plan.shape()
         plan = new
         if same:
             break
     return costs, plan
+
+
+def topk_spec(model: onnx.ModelProto, graph: ModelGraph, k: int):
+    """What the last stage reports: the top-k of the first class-vector output (softmax unless the
+    model already ends in Softmax); None when the model has no class-vector output."""
+    from hetsched.runtime.spec import TopkSpec
+    for i, t in enumerate(graph.outputs):
+        if sum(1 for d in t.shape if d != 1) == 1 and max(t.shape) > 1:
+            producer = next((n for n in model.graph.node if t.name in n.output), None)
+            return TopkSpec(i, k, apply_softmax=producer is None or producer.op_type != "Softmax")
+    return None
 
 
 def coordinator_cluster(clusters: Sequence[Cluster]) -> Cluster:
@@ -223,12 +239,13 @@ def running_service(prep: Prepared, bind: str | None = None, *, with_preprocess:
     image_limits = ImageLimits(**cfg.limits.image_overrides())
     check_limits(limits, image_limits, prep.graph.inputs[0])
     pipe = Pipeline(prep.model, prep.graph, prep.plan, transport=cfg.transport.kind, host=cfg.transport.host,
-                    hwm=cfg.transport.hwm, max_inflight=max_inflight or cfg.server.max_inflight,
-                    preprocess=cfg.input if prep.with_preprocess else None, image_limits=image_limits)
+                    max_inflight=max_inflight or cfg.server.max_inflight,
+                    preprocess=cfg.input if prep.with_preprocess else None, image_limits=image_limits,
+                    topk=topk_spec(prep.model, prep.graph, cfg.input.top_k))
     server = None
     try:
         pipe.start()
-        server = Server(pipe, bind, labels_path=cfg.input.labels, top_k=cfg.input.top_k,
+        server = Server(pipe, bind, labels_path=cfg.input.labels,
                         limits=limits, image_limits=image_limits, security=security)
         yield server
     finally:

@@ -1,9 +1,12 @@
 """Worker supervision as a pure state machine: events in, actions out (no processes, no sockets).
 
 The coordinator feeds it what it observes (a worker started, said READY/RUNNING, sent a heartbeat,
-exited) and the current time; ``tick`` returns what to do: kill a hung worker, spawn a replacement
-(after a back-off when it keeps crashing on start), and replay the frames in flight once every
-worker runs again. Tested without processes in tests/test_supervisor.py.
+exited) and the current time; ``tick`` returns what to do: ``kill`` a hung worker, ``lost`` once a
+worker is known to be gone (dead: its frames can be handed to others), ``spawn`` a replacement (after
+a back-off when it keeps crashing on start) and ``recovered`` once every worker runs again. A killed
+worker is reported lost only when it is seen dead, so a hung worker that wakes up can never write a
+slot its frame's replay is using. Nothing here blocks. Tested without processes in
+tests/test_supervisor.py.
 """
 
 from __future__ import annotations
@@ -11,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Hashable
 
-STARTING, RUNNING, DEAD = "starting", "running", "dead"
+STARTING, RUNNING, KILLING, DEAD = "starting", "running", "killing", "dead"
 
 
 @dataclass(frozen=True)
 class Action:
-    kind: str          # "kill" | "spawn" | "replay"
+    kind: str          # "kill" | "lost" | "spawn" | "recovered"
     key: Hashable = None
     reason: str = ""
 
@@ -67,9 +70,15 @@ class Supervisor:
         s.consecutive_failures = s.consecutive_failures + 1 if crashed_on_start else 1
         delay = 0.0 if s.consecutive_failures <= 1 else min(
             self.backoff_max, self.backoff_base * 2 ** (s.consecutive_failures - 2))
-        s.state, s.last_reason, s.next_start = DEAD, reason, now + delay
+        if s.state != KILLING:
+            s.last_reason = reason
+        s.state, s.next_start = DEAD, now + delay
         if not self.recovering:
             self.recovering, self.t_failure = True, now
+
+    def remove(self, key: Hashable) -> None:
+        """The worker is retired on purpose (a new plan): no longer supervised."""
+        self.slots.pop(key, None)
 
     # ------------------------------------------------------------------ decisions
     def tick(self, now: float, alive: dict[Hashable, bool]) -> list[Action]:
@@ -77,14 +86,15 @@ class Supervisor:
         for key, s in self.slots.items():
             if s.state != DEAD and not alive.get(key, False):
                 self.on_exit(key, now, "exited")
+                actions.append(Action("lost", key, s.last_reason))
             elif s.state == RUNNING and now - s.last_seen > s.heartbeat_timeout:
-                reason = f"hung: no heartbeat for {now - s.last_seen:.1f} s"
-                actions.append(Action("kill", key, reason))
-                self.on_exit(key, now, reason)
+                s.last_reason = f"hung: no heartbeat for {now - s.last_seen:.1f} s"
+                s.state = KILLING
+                actions.append(Action("kill", key, s.last_reason))
             elif s.state == STARTING and now - s.started_at > self.start_timeout:
-                reason = f"no RUNNING within {self.start_timeout:.0f} s of starting"
-                actions.append(Action("kill", key, reason))
-                self.on_exit(key, now, reason)
+                s.last_reason = f"no RUNNING within {self.start_timeout:.0f} s of starting"
+                s.state = KILLING
+                actions.append(Action("kill", key, s.last_reason))
         for key, s in self.slots.items():
             if s.state == DEAD and now >= s.next_start:
                 s.state, s.started_at, s.last_seen = STARTING, now, now
@@ -93,7 +103,7 @@ class Supervisor:
         if self.recovering and all(s.state == RUNNING for s in self.slots.values()):
             self.recovering = False
             self.recoveries += 1
-            actions.append(Action("replay"))
+            actions.append(Action("recovered"))
         return actions
 
     def mark_stable(self, key: Hashable, now: float) -> None:

@@ -10,6 +10,7 @@ outbox with non-blocking sends, so one slow client never stalls the others.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import zmq
 from hetsched.wire import client_protocol as cp
 from hetsched.runtime.pipeline import FrameResult, Pipeline
 from hetsched.errors import ConfigError, ProtocolError
-from hetsched.model.preprocess import ImageLimits, load_labels, looks_like_probabilities, sniff_format, top_k
+from hetsched.model.preprocess import ImageLimits, load_labels, sniff_format
 from hetsched.wire.security import SecuritySettings, ServerAuth, check_bind, uses_curve
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def check_limits(limits: ServerLimits, image_limits: ImageLimits, model_input: A
 
 
 class Server:
-    def __init__(self, pipeline: Pipeline, bind: str, *, labels_path: str | None = None, top_k: int = 5,
+    def __init__(self, pipeline: Pipeline, bind: str, *, labels_path: str | None = None,
                  limits: ServerLimits | None = None, image_limits: ImageLimits | None = None,
                  context: zmq.Context | None = None, security: SecuritySettings | None = None):
         """``security``: CURVE keys for the client socket (docs/security.md), used on tcp:// binds.
@@ -109,8 +110,7 @@ class Server:
         if self.labels is not None and len(self.labels) != n_classes:
             raise ConfigError(f"input.labels: {labels_path} has {len(self.labels)} labels, the model "
                               f"outputs {n_classes} classes")
-        self.top_k = top_k
-        self._logits: bool | None = None
+        self._next_region = 0
         self.auth: ServerAuth | None = None
         curve = uses_curve(bind, self.security)
         if self.security.server_enabled and not curve:
@@ -197,7 +197,7 @@ class Server:
     def close(self) -> None:
         for c in self.clients.values():
             for region in c.regions.values():
-                region.close()
+                self._close_region(region)
         if self.auth is not None:
             self.counters["auth_rejected"] = self.auth.rejected
             self.auth.close()  # monitors first (they watch the socket), then the ZAP thread
@@ -276,7 +276,7 @@ class Server:
                 raise ProtocolError("SHAPE_MISMATCH", f"got {sub.dtype}{list(sub.shape)}, model input is "
                                                       f"{self._in_expected[0]}{list(self._in_expected[1])}")
             region.view(sub.slot, sub.dtype, sub.shape)  # checks the slot and its size
-            data = {"name": region.name, "slots": region.slots, "slot_bytes": region.slot_bytes, "slot": sub.slot}
+            data = (region.global_id, sub.slot)
             kind = "shm"
         else:
             if self.pipe.preprocess is None:
@@ -305,8 +305,15 @@ class Server:
             raise ProtocolError("LIMIT", "at most 4 shared-memory regions per connection")
         region = attach_region(msg.get("name"), msg.get("slots"), msg.get("slot_bytes"))
         rid = max(client.regions, default=-1) + 1
+        region.global_id = self._next_region  # stage 0's workers know regions by this id
+        self._next_region += 1
         client.regions[rid] = region
+        self.pipe.add_region(region.global_id, region.name, region.slots, region.slot_bytes)
         return {"shm": rid, "slots": region.slots, "slot_bytes": region.slot_bytes}
+
+    def _close_region(self, region: Any) -> None:
+        self.pipe.remove_region(getattr(region, "global_id", -1))
+        region.close()
 
     # ------------------------------------------------------------------ pipeline
     def _pump(self) -> None:
@@ -314,11 +321,11 @@ class Server:
             job = self.pending.popleft()
             try:
                 if job.kind == "raw":
-                    fid = self.pipe.submit(job.data)
+                    fid = self.pipe.submit(job.data, want_outputs=job.want_outputs)
                 elif job.kind == "shm":
-                    fid = self.pipe.submit_shm(job.data, *self._in_expected)
+                    fid = self.pipe.submit_region(*job.data, want_outputs=job.want_outputs)
                 else:
-                    fid = self.pipe.submit_encoded(job.data)
+                    fid = self.pipe.submit_encoded(job.data, want_outputs=job.want_outputs)
             except ProtocolError as exc:
                 self._finish(job, cp.error_message(exc.code, exc.detail, job.stream, job.entry.seq))
                 continue
@@ -332,37 +339,23 @@ class Server:
             self._finish(job, cp.error_message(res.code or "STAGE_FAILED", res.error, job.stream, job.entry.seq))
             return
         self.traces.append((res.frame_id, res.t_submit, res.hops, res.t_done))
-        out = res.outputs[0] if res.outputs else np.zeros(0)
-        top = self._top_k(out) if out.size else []
+        top = []
+        if res.top is not None:
+            labels = self.labels
+            for i, score in zip(res.top["index"].tolist(), res.top["score"].tolist()):
+                item = {"index": i, "score": score}
+                if labels is not None:
+                    item["label"] = labels[i]
+                top.append(item)
         stages, prev = [], res.t_submit
         for h in res.hops:
-            stages.append({"stage": h.stage, "replica": h.replica, "queue_ms": round((h.t_recv - prev) * 1e3, 3),
+            stages.append({"stage": h.stage, "worker": h.worker, "queue_ms": round((h.t_recv - prev) * 1e3, 3),
                            "compute_ms": round((h.t_end - h.t_start) * 1e3, 3)})
             prev = h.t_end
         latency = (res.t_done - job.t_accepted) * 1e3
         reply = cp.result_message(job.stream, job.entry.seq, top, latency, stages,
                                   res.outputs if job.want_outputs else None, self._out_names)
         self._finish(job, reply, ok=True)
-
-    def _top_k(self, out: np.ndarray) -> list[dict]:
-        """top-k of a class vector; whether the model emits logits is decided once, on its first output."""
-        if self._logits is None:
-            self._logits = not looks_like_probabilities(out.reshape(-1))
-        if not self._logits:
-            return top_k(out, self.top_k, self.labels)
-        v = out.reshape(-1)
-        k = min(self.top_k, v.size)
-        idx = np.argpartition(v, v.size - k)[v.size - k:] if k < v.size else np.arange(v.size)
-        idx = idx[np.lexsort((idx, -v[idx]))]
-        m = float(v.max())
-        denom = float(np.exp(v - m, dtype=np.float64).sum())
-        out_list = []
-        for i in idx:
-            item = {"index": int(i), "score": float(np.exp(float(v[i]) - m) / denom)}
-            if self.labels is not None:
-                item["label"] = self.labels[i]
-            out_list.append(item)
-        return out_list
 
     def _finish(self, job: _Job, reply: list, ok: bool = False) -> None:
         job.entry.reply = reply
@@ -409,7 +402,7 @@ class Server:
             for ident in [i for i, c in self.clients.items() if c.inflight == 0 and not c.streams
                           and not c.outbox and now - c.last_seen > IDLE_CLIENT_S]:
                 for region in self.clients.pop(ident).regions.values():
-                    region.close()
+                    self._close_region(region)
 
     # ------------------------------------------------------------------ info
     def hello(self) -> dict:
@@ -424,11 +417,11 @@ class Server:
                            "max_pixels": self.image_limits.max_pixels}}
 
     def trace(self, limit: int) -> dict:
-        """The last ``limit`` frames' hop times (monotonic seconds) and each stage replica's pid."""
+        """The last ``limit`` frames' hop times (monotonic seconds) and each worker's pid (key "stage.worker")."""
         frames = [{"id": fid, "t_submit": ts, "t_done": td,
-                   "hops": [[h.stage, h.replica, h.t_recv, h.t_start, h.t_end] for h in hops]}
+                   "hops": [[h.stage, h.worker, h.t_recv, h.t_start, h.t_end] for h in hops]}
                   for fid, ts, hops, td in list(self.traces)[-limit:]]
-        pids = {f"{w.stage}.{w.replica}": w.pid for w in self.pipe.workers}
+        pids = {f"{w.stage}.{w.wid}": w.pid for w in self.pipe.workers}
         return {"frames": frames, "pids": pids}
 
     def snapshot(self, samples: int = 2000) -> dict:
@@ -450,8 +443,9 @@ class Server:
                            "utilization": busy / uptime if uptime > 0 else 0.0,
                            "compute_ms_p50": float(np.percentile(recent, 50) * 1e3) if recent else None,
                            "samples_ms": [round(x * 1e3, 4) for x in recent],
-                           "predicted_ms": st.compute_ms, "predicted_period_ms": st.period_ms})
-        return {"uptime_s": uptime, "t": now, "plan": self.pipe.plan.to_dict(), "stages": stages,
+                           "predicted_ms": st.compute_ms, "predicted_period_ms": st.period_ms,
+                           "workers": agg["workers"]})
+        return {"uptime_s": uptime, "t": now, "pid": os.getpid(), "plan": self.pipe.plan.to_dict(), "stages": stages,
                 "queue": {"pending": len(self.pending), "in_flight": len(self.pipe.inflight)},
                 "clients": len(self.clients), "workers": len(self.pipe.workers),
                 "supervision": {**self.pipe.supervisor.describe(),

@@ -1,134 +1,124 @@
 """What travels between the coordinator and stage workers (the internal data path).
 
-A data message is a multipart ZeroMQ message::
+The coordinator dispatches every frame to every stage itself (a star: it picks the worker that
+will finish the frame first, see ``hetsched.runtime.dispatch``). On one host activations never go
+through a socket: they live in shared-memory rings (``hetsched.wire.rings``), one per stage
+boundary, and a message names only the frame's slot. All headers are packed little-endian structs;
+nothing on the data path is JSON.
 
-    [header, tensor_0, tensor_1, ...]
+Work message, coordinator -> worker (ZeroMQ PUSH -> the worker's PULL)::
 
-``header`` is a packed little-endian struct (cheap to build and parse in Python; no pickle)::
+    frame 0: magic "H2" | kind u8 | flags u8 | attempt u16 | slot u16 | frame_id u64 | t_submit f64
+             | region u32 | region_slot u32
+    kind RING   : the stage's inputs are in the input ring at ``slot``
+    kind REGION : stage 0's input is in a client's shared-memory region ``region`` at ``region_slot``
+    kind BYTES  : frame 1 holds an encoded image (JPEG/PNG) for stage 0 to decode
+    kind TENSORS: frames 1.. hold the input tensors (tcp:// links; described by the stage's spec)
 
-    magic "HS" | version u8 | kind u8 | n_tensors u8 | n_hops u8 | reserved u16 | frame_id u64 | t_submit f64
-    then per tensor:  dtype code u8 | ndim u8 | dims u32 x ndim
-    then per hop:     stage u8 | replica u8 | reserved u16 | t_recv f64 | t_start f64 | t_end f64
+Done message, worker -> coordinator (PUSH -> the coordinator's PULL)::
 
-Each ``tensor_i`` frame is the raw C-contiguous bytes of the tensor, sent without copying
-(pyzmq ``copy=False``) and viewed on receipt with ``numpy.frombuffer``. Every stage appends one
-hop record, so the coordinator gets a per-frame trace at no extra message cost. Times are
-``time.monotonic()`` seconds (CLOCK_MONOTONIC, comparable across processes on one host).
+    frame 0: magic "H2" | kind u8 (DONE / FAILED) | stage u8 | attempt u16 | slot u16 | worker u16
+             | code u16 | n_top u16 | frame_id u64 | t_recv f64 | t_start f64 | t_end f64
+             then n_top x (index u32 | score f32)            (last stage: top-k of the chosen output)
+    DONE on tcp://: frames 1.. hold the stage's output tensors.
+    FAILED: frame 1 is the error text (UTF-8); ``code`` indexes ``ERROR_CODES``.
 
-Control messages (handshake, stats, commands) are JSON on a separate DEALER/ROUTER socket.
+Times are ``time.monotonic()`` seconds (comparable across processes on one host). Control messages
+(handshake, heartbeats with statistics, region registration, stop) are JSON on a separate
+DEALER/ROUTER socket: they are not per frame.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import struct
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from hetsched.errors import ProtocolError, ShapeMismatch
-from hetsched.wire.dtypes import WIRE_CODES, WIRE_DTYPES
+from hetsched.errors import ProtocolError
 
-MAGIC = b"HS"
-VERSION = 1
-KIND_DATA = 1
-KIND_ERROR = 2
-KIND_SHM = 3  # the one payload frame is a JSON reference to a shared-memory slot (see hetsched/wire/shm.py)
+MAGIC = b"H2"
+KIND_RING, KIND_REGION, KIND_BYTES, KIND_TENSORS = 1, 2, 3, 4
+KIND_DONE, KIND_FAILED = 16, 17
+FLAG_WANT_OUTPUTS = 1
 
-_FIXED = struct.Struct("<2sBBBBHQd")
-_HOP = struct.Struct("<BBHddd")
-_TDESC = struct.Struct("<BB")
+# codes a stage may report for a frame it could not process (index = wire code)
+ERROR_CODES = ("STAGE_FAILED", "BAD_IMAGE", "IMAGE_TOO_SMALL", "IMAGE_TOO_LARGE", "TOO_LARGE", "BAD_SHM",
+               "BAD_SLOT", "SHAPE_MISMATCH", "BAD_FRAMES", "SIZE_MISMATCH", "BAD_ENCODING")
+_CODE_INDEX = {c: i for i, c in enumerate(ERROR_CODES)}
 
-DTYPE_CODES, CODE_DTYPES = WIRE_CODES, WIRE_DTYPES
-MAX_DIMS = 8
+WORK = struct.Struct("<2sBBHHQdII")
+DONE = struct.Struct("<2sBBHHHHHQddd")
+TOP = np.dtype([("index", "<u4"), ("score", "<f4")])
 
 
 @dataclass(frozen=True)
-class Hop:
+class Work:
+    kind: int
+    flags: int
+    attempt: int
+    slot: int
+    frame_id: int
+    t_submit: float
+    region: int = 0
+    region_slot: int = 0
+
+
+@dataclass(frozen=True)
+class Done:
+    kind: int
     stage: int
-    replica: int
+    attempt: int
+    slot: int
+    worker: int
+    code: str | None
+    frame_id: int
     t_recv: float
     t_start: float
     t_end: float
+    top: np.ndarray  # structured (index, score), possibly empty
 
 
-@dataclass(frozen=True)
-class Header:
-    frame_id: int
-    t_submit: float
-    tensors: tuple[tuple[str, tuple[int, ...]], ...]  # (dtype, shape) per tensor frame
-    hops: tuple[Hop, ...] = ()
-    kind: int = KIND_DATA
+def pack_work(kind: int, frame_id: int, attempt: int, slot: int, t_submit: float, flags: int = 0,
+              region: int = 0, region_slot: int = 0) -> bytes:
+    return WORK.pack(MAGIC, kind, flags, attempt, slot, frame_id, t_submit, region, region_slot)
 
 
-def encode_header(frame_id: int, t_submit: float, arrays: Sequence[np.ndarray],
-                  hops: Sequence[Hop] = (), kind: int = KIND_DATA) -> bytes:
-    return encode_header_desc(frame_id, t_submit, [(a.dtype.name, a.shape) for a in arrays], hops, kind)
+def unpack_work(buf: Any) -> Work:
+    if len(buf) != WORK.size:
+        raise ProtocolError("BAD_HEADER", f"work header of {len(buf)} bytes, expected {WORK.size}")
+    magic, kind, flags, attempt, slot, fid, t_submit, region, rslot = WORK.unpack(buf)
+    if magic != MAGIC or kind not in (KIND_RING, KIND_REGION, KIND_BYTES, KIND_TENSORS):
+        raise ProtocolError("BAD_HEADER", f"not a work header (magic {magic!r}, kind {kind})")
+    return Work(kind, flags, attempt, slot, fid, t_submit, region, rslot)
 
 
-def encode_header_desc(frame_id: int, t_submit: float, tensors: Sequence[tuple[str, tuple[int, ...]]],
-                       hops: Sequence[Hop] = (), kind: int = KIND_DATA) -> bytes:
-    parts = [_FIXED.pack(MAGIC, VERSION, kind, len(tensors), len(hops), 0, frame_id, t_submit)]
-    for dtype, shape in tensors:
-        code = DTYPE_CODES.get(dtype)
-        if code is None:
-            raise ProtocolError("BAD_DTYPE", f"dtype {dtype} cannot be sent")
-        parts.append(_TDESC.pack(code, len(shape)))
-        parts.append(struct.pack(f"<{len(shape)}I", *shape))
-    for h in hops:
-        parts.append(_HOP.pack(h.stage, h.replica, 0, h.t_recv, h.t_start, h.t_end))
-    return b"".join(parts)
+def pack_done(stage: int, worker: int, frame_id: int, attempt: int, slot: int, t_recv: float, t_start: float,
+              t_end: float, top: np.ndarray | None = None) -> bytes:
+    n_top = 0 if top is None else len(top)
+    head = DONE.pack(MAGIC, KIND_DONE, stage, attempt, slot, worker, 0, n_top, frame_id, t_recv, t_start, t_end)
+    return head if not n_top else head + top.astype(TOP, copy=False).tobytes()
 
 
-def decode_header(buf: bytes | memoryview) -> Header:
-    buf = memoryview(buf)
-    if len(buf) < _FIXED.size:
-        raise ProtocolError("BAD_HEADER", f"header too short ({len(buf)} bytes)")
-    magic, version, kind, n_t, n_h, _, frame_id, t_submit = _FIXED.unpack_from(buf, 0)
-    if magic != MAGIC:
-        raise ProtocolError("BAD_HEADER", "bad magic")
-    if version != VERSION:
-        raise ProtocolError("BAD_VERSION", f"stage protocol version {version}, expected {VERSION}")
-    off = _FIXED.size
-    tensors = []
-    try:
-        for _ in range(n_t):
-            code, ndim = _TDESC.unpack_from(buf, off)
-            off += _TDESC.size
-            if code not in CODE_DTYPES or ndim > MAX_DIMS:
-                raise ProtocolError("BAD_HEADER", f"bad tensor descriptor (dtype code {code}, ndim {ndim})")
-            shape = struct.unpack_from(f"<{ndim}I", buf, off)
-            off += 4 * ndim
-            tensors.append((CODE_DTYPES[code], tuple(shape)))
-        hops = []
-        for _ in range(n_h):
-            stage, replica, _r, a, b, c = _HOP.unpack_from(buf, off)
-            off += _HOP.size
-            hops.append(Hop(stage, replica, a, b, c))
-    except struct.error as exc:
-        raise ProtocolError("BAD_HEADER", f"truncated header: {exc}") from None
-    if off != len(buf):
-        raise ProtocolError("BAD_HEADER", f"header has {len(buf) - off} trailing bytes")
-    return Header(frame_id, t_submit, tuple(tensors), tuple(hops), kind)
+def pack_failed(stage: int, worker: int, frame_id: int, attempt: int, slot: int, code: str, t_recv: float,
+                t_end: float) -> bytes:
+    return DONE.pack(MAGIC, KIND_FAILED, stage, attempt, slot, worker, _CODE_INDEX.get(code, 0), 0, frame_id,
+                     t_recv, t_recv, t_end)
 
 
-def views(header: Header, frames: Sequence[Any], expected: Sequence[tuple[str, tuple[int, ...]]] | None = None
-          ) -> list[np.ndarray]:
-    """numpy views (no copy) of the tensor frames; check them against ``expected`` (dtype, shape)."""
-    if len(frames) != len(header.tensors):
-        raise ProtocolError("BAD_FRAMES", f"{len(frames)} tensor frames, header says {len(header.tensors)}")
-    if expected is not None and tuple(header.tensors) != tuple(expected):
-        raise ShapeMismatch(f"got {list(header.tensors)}, plan expects {list(expected)}")
-    out = []
-    for (dtype, shape), frame in zip(header.tensors, frames):
-        buf = frame.buffer if hasattr(frame, "buffer") else frame
-        nbytes = memoryview(buf).nbytes
-        if nbytes != math.prod(shape) * np.dtype(dtype).itemsize:
-            raise ShapeMismatch(f"frame of {nbytes} bytes does not hold {dtype}{list(shape)}")
-        out.append(np.frombuffer(buf, dtype=dtype).reshape(shape))
-    return out
+def unpack_done(buf: Any) -> Done:
+    n = len(buf)
+    if n < DONE.size:
+        raise ProtocolError("BAD_HEADER", f"done header of {n} bytes, shorter than {DONE.size}")
+    magic, kind, stage, attempt, slot, worker, code, n_top, fid, t_recv, t_start, t_end = DONE.unpack_from(buf, 0)
+    if magic != MAGIC or kind not in (KIND_DONE, KIND_FAILED) or n != DONE.size + n_top * TOP.itemsize:
+        raise ProtocolError("BAD_HEADER", f"not a done header (magic {magic!r}, kind {kind}, {n} bytes)")
+    top = np.frombuffer(buf, dtype=TOP, count=n_top, offset=DONE.size) if n_top else np.empty(0, TOP)
+    err = ERROR_CODES[code] if kind == KIND_FAILED and code < len(ERROR_CODES) else (
+        "STAGE_FAILED" if kind == KIND_FAILED else None)
+    return Done(kind, stage, attempt, slot, worker, err, fid, t_recv, t_start, t_end, top)
 
 
 def control(msg_type: str, **fields: Any) -> bytes:

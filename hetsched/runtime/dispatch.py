@@ -1,0 +1,85 @@
+"""Which worker gets the next frame (pure): earliest expected finish, bounded by credits.
+
+Every worker has ``credits`` (frames it may hold: one running and one queued keeps it busy without
+waiting for the coordinator). Among the workers of a stage that have a free credit, the frame goes to
+the one expected to *finish it first*: ``max(now, busy_until) + service``, where ``busy_until`` is
+when the worker should be done with what it already holds and ``service`` is its measured time per
+frame (an exponential moving average, seeded with the planner's prediction). A big core that is free
+is therefore always preferred to a little one, and a little core takes a frame only when that
+finishes it sooner than waiting for a big core: little cores never hold a frame a big core could
+have served earlier. Ties go to the faster worker. (Dealing frames round-robin gives a half-speed
+worker as many frames as a full-speed one.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EWMA_WEIGHT = 0.1
+
+
+@dataclass
+class WorkerSlot:
+    wid: int
+    stage: int
+    service_s: float          # expected seconds per frame (EWMA of measured)
+    predicted_s: float        # the planner's prediction (for drift detection)
+    credits: int = 2
+    outstanding: int = 0
+    busy_until: float = 0.0
+    accepting: bool = False   # False while starting, restarting or removed
+    frames: int = 0
+
+
+class Dispatcher:
+    def __init__(self) -> None:
+        self.workers: dict[int, WorkerSlot] = {}
+        self._by_stage: dict[int, list[WorkerSlot]] = {}
+
+    def add(self, wid: int, stage: int, predicted_s: float, credits: int = 2) -> None:
+        w = WorkerSlot(wid, stage, max(predicted_s, 1e-6), max(predicted_s, 1e-6), credits)
+        self.workers[wid] = w
+        self._by_stage.setdefault(stage, []).append(w)
+
+    def remove(self, wid: int) -> None:
+        w = self.workers.pop(wid, None)
+        if w is not None:
+            self._by_stage[w.stage].remove(w)
+
+    def set_accepting(self, wid: int, accepting: bool) -> None:
+        w = self.workers[wid]
+        w.accepting = accepting
+        if not accepting:
+            w.outstanding, w.busy_until = 0, 0.0
+
+    def pick(self, stage: int, now: float) -> int | None:
+        best, best_t = None, 0.0
+        for w in self._by_stage.get(stage, ()):
+            if not w.accepting or w.outstanding >= w.credits:
+                continue
+            t = max(now, w.busy_until) + w.service_s
+            if best is None or t < best_t - 1e-9 or (abs(t - best_t) <= 1e-9 and w.service_s < best.service_s):
+                best, best_t = w, t
+        return None if best is None else best.wid
+
+    def has_credit(self, stage: int) -> bool:
+        return any(w.accepting and w.outstanding < w.credits for w in self._by_stage.get(stage, ()))
+
+    def on_dispatch(self, wid: int, now: float) -> None:
+        w = self.workers[wid]
+        w.outstanding += 1
+        w.busy_until = max(now, w.busy_until) + w.service_s
+
+    def on_done(self, wid: int, now: float, service_s: float | None) -> None:
+        """A frame of ``wid`` finished at ``now``; ``service_s`` is what it took (None: not measured)."""
+        w = self.workers.get(wid)
+        if w is None:
+            return
+        w.outstanding = max(0, w.outstanding - 1)
+        w.frames += 1
+        if service_s is not None and service_s > 0:
+            w.service_s += EWMA_WEIGHT * (service_s - w.service_s)
+        w.busy_until = now + w.outstanding * w.service_s
+
+    def stage_workers(self, stage: int) -> list[WorkerSlot]:
+        return list(self._by_stage.get(stage, ()))

@@ -1,0 +1,105 @@
+"""The coordinator's worker processes: specs from a plan, spawning, the READY check, statistics.
+
+One :class:`WorkerHandle` per worker of every stage's pool. Workers are started with the ``spawn``
+method (a fresh interpreter, nothing inherited but the spec) and pin themselves before they create
+their session. A replacement reuses the handle, its spec and its endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+from dataclasses import dataclass, field
+from typing import Any
+
+from hetsched.errors import ShapeMismatch, WorkerDied
+from hetsched.runtime.spec import WorkerSpec
+from hetsched.wire.dtypes import ORT_TO_NUMPY
+
+log = logging.getLogger(__name__)
+
+STAT_KEYS = ("frames", "errors", "wait_s", "compute_s", "send_s")
+MAX_SAMPLES = 4096
+
+
+@dataclass
+class WorkerHandle:
+    spec: WorkerSpec
+    cluster: str
+    predicted_ms: float
+    process: Any = None
+    endpoint: str | None = None
+    ready: dict | None = None
+    running: bool = False
+    stats: dict = field(default_factory=dict)
+    carry: dict = field(default_factory=dict)   # counters of this worker's earlier (dead) processes
+    samples: list = field(default_factory=list)
+    feed: Any = None                            # the coordinator's PUSH socket to this worker
+
+    @property
+    def wid(self) -> int:
+        return self.spec.worker
+
+    @property
+    def stage(self) -> int:
+        return self.spec.stage
+
+    @property
+    def cores(self) -> tuple[int, ...]:
+        return self.spec.cores
+
+    @property
+    def threads(self) -> int:
+        return self.spec.threads
+
+    @property
+    def identity(self) -> bytes:
+        return f"w{self.spec.worker}".encode()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def spawn(self) -> None:
+        from hetsched.runtime.worker import run as worker_run
+        self.process = mp.get_context("spawn").Process(target=worker_run, args=(self.spec,),
+                                                       name=f"hetsched-s{self.stage}w{self.wid}", daemon=True)
+        self.process.start()
+        self.ready, self.running = None, False
+
+    def retire_counters(self) -> None:
+        """Keep a dead process's counters (its replacement starts from zero)."""
+        for k in STAT_KEYS:
+            self.carry[k] = self.carry.get(k, 0) + self.stats.get(k, 0)
+        self.stats = {}
+
+    def on_stats(self, msg: dict) -> None:
+        if msg.get("pid") not in (None, self.pid):
+            return
+        self.stats = msg
+        self.samples = (self.samples + list(msg.get("samples", ())))[-MAX_SAMPLES:]
+
+    def total(self, key: str) -> float:
+        return self.stats.get(key, 0) + self.carry.get(key, 0)
+
+
+def check_ready(w: WorkerHandle, msg: dict) -> None:
+    """The worker's session must take and give exactly what the plan says, on the plan's cores."""
+    spec = w.spec
+    want_in = {t[0]: t for t in spec.inputs}
+    want_out = {t[0]: t for t in spec.outputs if t[0] not in spec.passthrough}
+    got_in = {i["name"]: i for i in msg["inputs"]}
+    got_out = {o["name"]: o for o in msg["outputs"]}
+    if not set(got_in) <= set(want_in):
+        raise ShapeMismatch(f"{spec.name}: session inputs {sorted(got_in)}, plan expects {sorted(want_in)}")
+    if sorted(got_out) != sorted(want_out):
+        raise ShapeMismatch(f"{spec.name}: session outputs {sorted(got_out)}, plan expects {sorted(want_out)}")
+    for name, rep in list(got_in.items()) + list(got_out.items()):
+        _, dtype, shape = want_in.get(name) or want_out[name]
+        ok = len(rep["shape"]) == len(shape) and ORT_TO_NUMPY.get(rep["type"]) == dtype and all(
+            not isinstance(g, int) or g == s for g, s in zip(rep["shape"], shape))
+        if not ok:
+            raise ShapeMismatch(f"{spec.name} tensor {name!r}: session has {rep['type']}{rep['shape']}, "
+                                f"plan expects {dtype}{list(shape)}")
+    if sorted(msg["cores"]) != sorted(spec.cores):
+        raise WorkerDied(f"{spec.name} runs on cores {msg['cores']}, plan says {list(spec.cores)}")
