@@ -21,8 +21,9 @@ def cmd_feed(args: argparse.Namespace) -> int:
     stop = StopFlag().install()
     with Client(args.connect, timeout=args.timeout, **client_key_options(args)) as client:
         hello = client.hello()
-        if args.shm and not client.enable_shm(args.window + 2):
-            eprint("note: the service does not offer shared-memory input here (ipc:// only); sending over the socket")
+        if args.synthetic and args.shm and not client.enable_shm(args.window + 2):
+            eprint("note: the service does not offer shared-memory input here (ipc:// only); sending tensors over "
+                   "the socket")
         if args.synthetic:
             inp = hello["input"]
             frames: Iterator = synthetic_frames(tuple(inp["shape"]), inp["dtype"])
@@ -82,8 +83,9 @@ def add_parser(sub, common) -> None:
     sp.add_argument("--window", type=int, default=8, help="max frames in flight")
     sp.add_argument("--stream", default="feed", help="stream name")
     sp.add_argument("--json", action="store_true", help="one JSON line per result, then a summary line")
-    sp.add_argument("--shm", action="store_true",
-                    help="raw tensors through shared memory (same host, ipc:// service): no tensor copies on the socket")
+    sp.add_argument("--no-shm", dest="shm", action="store_false",
+                    help="send raw tensors over the socket even when the service offers shared-memory input "
+                         "(by default a client on the same host as an ipc:// service writes them to /dev/shm)")
     sp.add_argument("--show", action="store_true", help="print each result's top-1")
     sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a reply")
     from hetsched.cli.keys import add_client_key_arguments
