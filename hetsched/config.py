@@ -7,7 +7,8 @@ Schema (every key optional; see configs/*.yaml for commented examples)::
     emulate_big_little:               # only with clusters: auto on a host with ONE kind of core:
       little_speed: 0.5               #   split the cores into a big half and an emulated little half
     planner: {max_stages: 4, tie_tolerance: 0.02, allow_replicas: true, allow_pools: true, max_cut_tensors: 1,
-              forced_cuts: null, objective: throughput, target_fps: null, traffic: auto}
+              forced_cuts: null, objective: throughput, target_fps: null, traffic: auto,
+              replan: {enabled: true, check_s: 2, min_gain: 0.1, threshold: 0.15}}
     profile: {repeats: 30, warmup: 5, cache: true, cache_dir: null, measure: true, refine: 2}
     transport: {kind: ipc, host: 127.0.0.1, hwm: 1}
     server: {bind: tcp://127.0.0.1:5555, max_inflight: null, max_pending: 64}
@@ -43,6 +44,14 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class ReplanConfig:
+    enabled: bool = True
+    check_s: float = 2.0       # how often the measured speeds and traffic are compared with the plan
+    min_gain: float = 0.1      # switch only when the new plan's predicted gain is at least this
+    threshold: float = 0.15    # a cluster's speed must be off by this much (for check_s) to count
+
+
+@dataclass(frozen=True)
 class PlannerConfig:
     max_stages: int | None = 4
     tie_tolerance: float = 0.02
@@ -53,6 +62,7 @@ class PlannerConfig:
     objective: str = "throughput"     # or "latency": the lowest p99 that sustains target_fps
     target_fps: float | None = None
     traffic: str = "auto"             # plan for: auto (what clients send; raw until seen), raw, encoded
+    replan: ReplanConfig = field(default_factory=ReplanConfig)
 
 
 @dataclass(frozen=True)
@@ -149,19 +159,20 @@ def _expect(value: Any, types: type | tuple, key: str, what: str) -> Any:
     return value
 
 
-def _section(raw: Mapping, key: str, cls: type, converters: Mapping[str, Any]) -> Any:
+def _section(raw: Mapping, key: str, cls: type, converters: Mapping[str, Any], prefix: str = "") -> Any:
     sec = raw.get(key)
+    path = prefix + key
     if sec is None:
         return cls()
-    _expect(sec, dict, key, "a mapping")
+    _expect(sec, dict, path, "a mapping")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(sec) - known)
     if unknown:
-        raise ConfigError(f"{key}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+        raise ConfigError(f"{path}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
     kwargs = {}
     for name, value in sec.items():
         conv = converters.get(name)
-        kwargs[name] = conv(value, f"{key}.{name}") if conv else value
+        kwargs[name] = conv(value, f"{path}.{name}") if conv else value
     return cls(**kwargs)
 
 
@@ -292,7 +303,10 @@ def parse_config(raw: Any, path: str | None = None) -> Config:
         "max_stages": _opt_int(1), "tie_tolerance": _float(0.0, 1.0), "allow_replicas": _bool,
         "allow_pools": _bool, "max_cut_tensors": _int(1), "forced_cuts": _cuts,
         "objective": _choice("throughput", "latency"), "target_fps": _opt_float(0.1, 1e6),
-        "traffic": _choice("auto", "raw", "encoded")})
+        "traffic": _choice("auto", "raw", "encoded"),
+        "replan": lambda v, key: _section({key.split(".")[-1]: v}, key.split(".")[-1], ReplanConfig, {
+            "enabled": _bool, "check_s": _float(0.2, 3600.0), "min_gain": _float(0.0, 10.0),
+            "threshold": _float(0.01, 10.0)}, prefix="planner.")})
     if planner.objective == "latency" and planner.target_fps is None:
         raise ConfigError("planner.target_fps: missing (objective 'latency' plans the lowest p99 that sustains "
                           "this rate, e.g. target_fps: 30)")

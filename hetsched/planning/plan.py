@@ -75,6 +75,7 @@ class Member:
     replicas: int
     compute_ms: float
     transfer_ms: float
+    layers_ms: float = 0.0  # the layers' own compute in compute_ms (no overheads, no decoding)
 
     @property
     def service_ms(self) -> float:
@@ -92,7 +93,7 @@ class Member:
     def to_dict(self) -> dict[str, Any]:
         return {"cluster": self.cluster, "cores": list(self.cores), "threads": self.threads,
                 "replicas": self.replicas, "compute_ms": self.compute_ms, "transfer_ms": self.transfer_ms,
-                "service_ms": self.service_ms, "rate_fps": self.rate_fps}
+                "layers_ms": self.layers_ms, "service_ms": self.service_ms, "rate_fps": self.rate_fps}
 
 
 def pool_latency(members: Sequence[Member]) -> tuple[float, float]:
@@ -163,12 +164,12 @@ class Stage:
     def layer_range(self) -> range:
         return range(self.first_layer, self.last_layer + 1)
 
-    def workers(self) -> tuple[tuple[str, tuple[int, ...], int, float], ...]:
-        """Every worker of the pool: (cluster, cores, threads, predicted service ms)."""
-        return tuple((m.cluster, rc, m.threads, m.service_ms) for m in self.members for rc in m.replica_cores())
+    def workers(self) -> tuple[tuple[Member, tuple[int, ...]], ...]:
+        """Every worker of the pool: (its member, its cores)."""
+        return tuple((m, rc) for m in self.members for rc in m.replica_cores())
 
     def replica_cores(self) -> tuple[tuple[int, ...], ...]:
-        return tuple(w[1] for w in self.workers())
+        return tuple(rc for _, rc in self.workers())
 
     def to_dict(self, layer_names: Sequence[str] | None = None) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -247,7 +248,8 @@ class Plan:
         try:
             stages = [Stage.of(int(s["index"]), int(s["first_layer"]), int(s["last_layer"]),
                                [Member(str(m["cluster"]), tuple(int(c) for c in m["cores"]), int(m["threads"]),
-                                       int(m["replicas"]), float(m["compute_ms"]), float(m["transfer_ms"]))
+                                       int(m["replicas"]), float(m["compute_ms"]), float(m["transfer_ms"]),
+                                       float(m.get("layers_ms", 0.0)))
                                 for m in s["members"]]) for s in d["stages"]]
             return cls.of(stages, tuple(str(x) for x in d["layer_names"]), objective=d.get("objective", "throughput"),
                           target_fps=d.get("target_fps"), notes=tuple(d.get("notes", ())))

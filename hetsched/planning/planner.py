@@ -145,11 +145,12 @@ def _service_matrix(costs: CostTable, cluster: str, threads: int, transfer: Tran
 def _member(costs: CostTable, transfer: TransferModel, cluster: str, cores: tuple[int, ...], first: int,
             last: int, threads: int, replicas: int) -> Member:
     row = costs.layer_ms[cluster][threads]
-    compute = math.fsum(float(row[i]) for i in range(first, last + 1)) + float(costs.stage_overhead_ms.get(cluster, 0.0))
+    layers = math.fsum(float(row[i]) for i in range(first, last + 1))
+    compute = layers + float(costs.stage_overhead_ms.get(cluster, 0.0))
     if first == 0:
         compute += float(costs.input_ms.get(cluster, 0.0))
     xfer = transfer.cost_ms(costs.boundary_bytes[first]) + transfer.cost_ms(costs.boundary_bytes[last + 1])
-    return Member(cluster, tuple(cores), threads, replicas, compute, xfer)
+    return Member(cluster, tuple(cores), threads, replicas, compute, xfer, layers)
 
 
 # ---------------------------------------------------------------------------------------------

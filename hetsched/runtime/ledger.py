@@ -20,9 +20,10 @@ without processes (tests/test_ledger.py).
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 FRAME_FAILED = "FRAME_FAILED"
 
@@ -64,7 +65,9 @@ class Outcome:
 
 
 class Ledger:
-    def __init__(self, n_stages: int, slots: int, max_failures: int = 2):
+    def __init__(self, n_stages: int, slots: int, max_failures: int = 2, frame_ids: Iterator[int] | None = None):
+        """``frame_ids``: where frame ids come from (share one counter between the ledgers of
+        successive plans so ids stay unique across a re-plan)."""
         if n_stages < 1 or slots < 1 or max_failures < 1:
             raise ValueError("n_stages, slots and max_failures must be >= 1")
         self.n_stages, self.max_failures = n_stages, max_failures
@@ -72,7 +75,7 @@ class Ledger:
         self.waiting: list[deque[int]] = [deque() for _ in range(n_stages)]
         self.by_worker: dict[int, deque[int]] = {}
         self._free = deque(range(slots))
-        self._next_id = 0
+        self._ids = frame_ids if frame_ids is not None else itertools.count()
         self.duplicates = 0
         self.replayed = 0
         self.poisoned = 0
@@ -89,8 +92,7 @@ class Ledger:
     def admit(self, source: Any, t_submit: float, tag: Any = None, want_outputs: bool = False) -> FrameRec:
         if not self._free:
             raise RuntimeError("no free slot: check free_slots before admit")
-        rec = FrameRec(self._next_id, self._free.popleft(), source, t_submit, tag, want_outputs)
-        self._next_id += 1
+        rec = FrameRec(next(self._ids), self._free.popleft(), source, t_submit, tag, want_outputs)
         self.frames[rec.fid] = rec
         self.waiting[0].append(rec.fid)
         return rec

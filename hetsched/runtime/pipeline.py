@@ -76,7 +76,8 @@ class Pipeline:
                  host: str = "127.0.0.1", max_inflight: int | None = None, credits: int = 2,
                  start_timeout: float = 60.0, stats_interval: float = 0.25, spinning: bool | None = None,
                  run_dir: str | None = None, preprocess: Any = None, image_limits: Any = None,
-                 heartbeat_timeout: float = 1.0, topk: TopkSpec | None = None, max_failures: int = 2):
+                 heartbeat_timeout: float = 1.0, topk: TopkSpec | None = None, max_failures: int = 2,
+                 frame_ids: Iterator[int] | None = None, generation: int = 0):
         """``preprocess``: an InputConfig: stage 0's workers also decode JPEG/PNG frames into the model
         input (whichever worker takes the frame). ``topk``: the last stage reports the top-k classes."""
         self.model, self.graph, self.plan = model, graph, plan
@@ -93,7 +94,8 @@ class Pipeline:
         self.workers: list[WorkerHandle] = []
         self._by_wid: dict[int, WorkerHandle] = {}
         self._by_ident: dict[bytes, WorkerHandle] = {}
-        self.ledger = Ledger(len(plan.stages), self.max_inflight, max_failures)
+        self.generation = generation
+        self.ledger = Ledger(len(plan.stages), self.max_inflight, max_failures, frame_ids)
         self.dispatcher = Dispatcher()
         self.supervisor = Supervisor(heartbeat_timeout=heartbeat_timeout, start_timeout=start_timeout)
         self.rings: list[Ring] = []
@@ -103,7 +105,9 @@ class Pipeline:
         self._results = self._ctl = None
         self.link_keys: LinkKeys | None = None
         self._link_auth = None
-        self._started = self._stopped = False
+        self._started = self._stopped = self._running = False
+        self._t_begin = 0.0
+        self._retire_t: float | None = None
         self.completed = self.failed = 0
         self.t_started = 0.0
         self.recovery_times: deque = deque(maxlen=100)
@@ -111,6 +115,8 @@ class Pipeline:
         self._last_check = 0.0
         self._in_expected = [(t.dtype, tuple(t.shape)) for t in graph.inputs]
         self._tcp = transport == "tcp"
+        # called with (cluster, measured compute ms, predicted layers ms) for every frame a worker did
+        self.observer: Any = None
 
     # ---------------------------------------------------------------- compatibility figures
     @property
@@ -130,17 +136,34 @@ class Pipeline:
         return f"tcp://{self.host}:*" if self._tcp else f"ipc://{os.path.join(self.run_dir, name)}"
 
     def start(self) -> "Pipeline":
-        if self._started:
-            return self
-        self._started = True
+        """Start every worker and wait (bounded) until all run."""
+        self.begin()
         try:
-            self._start()
+            self._await(lambda w: w.running, "RUNNING")
         except BaseException:
             self.stop(drain_timeout=0)
             raise
         return self
 
-    def _start(self) -> None:
+    def begin(self) -> "Pipeline":
+        """Start the workers without waiting: ``process`` brings them to RUNNING (``running`` says when),
+        so a new plan can start while an old one goes on serving. Raises if something fails at once."""
+        if self._started:
+            return self
+        self._started = True
+        self._t_begin = time.monotonic()
+        try:
+            self._begin()
+        except BaseException:
+            self.stop(drain_timeout=0)
+            raise
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def _begin(self) -> None:
         keep_large_buffers()
         sweep_stale_rings()
         self._ctx = zmq.Context()
@@ -172,9 +195,9 @@ class Pipeline:
             path = os.path.join(self.run_dir, f"stage{st.index}.onnx")
             onnx.save(extract_stage(self.model, self.graph, st.first_layer, st.last_layer), path)
             passthrough = tuple(passthrough_names(self.graph, st.first_layer, st.last_layer))
-            for cluster, cores, threads, service_ms in st.workers():
+            for member, cores in st.workers():
                 spec = WorkerSpec(
-                    stage=st.index, worker=wid, cores=tuple(cores), threads=threads, model_path=path,
+                    stage=st.index, worker=wid, cores=tuple(cores), threads=member.threads, model_path=path,
                     inputs=_descs(bounds[st.index]), outputs=_descs(bounds[st.index + 1]), passthrough=passthrough,
                     data_endpoint=self._endpoint(f"w{wid}"), results_endpoint=results_ep, ctl_endpoint=ctl_ep,
                     parent_pid=os.getpid(), in_ring=ring_specs[st.index], out_ring=ring_specs[st.index + 1],
@@ -184,38 +207,43 @@ class Pipeline:
                     connect_timeout=self.start_timeout,
                     log_level=logging.getLogger("hetsched").getEffectiveLevel(),
                     link_keys=self.link_keys.to_dict() if self.link_keys else None, spinning=self.spinning)
-                w = WorkerHandle(spec, cluster, service_ms)
+                w = WorkerHandle(spec, member.cluster, member.service_ms, member.layers_ms)
                 self.workers.append(w)
                 self._by_wid[wid], self._by_ident[w.identity] = w, w
-                self.dispatcher.add(wid, st.index, service_ms / 1e3, self.credits)
+                self.dispatcher.add(wid, st.index, member.service_ms / 1e3, self.credits)
                 wid += 1
         for w in self.workers:
             w.spawn()
-        self._await(lambda w: w.ready is not None, "READY")
-        for w in self.workers:
-            self._go(w)
-        self._await(lambda w: w.running, "RUNNING")
+
+    def _on_all_running(self) -> None:
         now = time.monotonic()
         for w in self.workers:
             # a worker busy with one long frame sends no heartbeat meanwhile: allow for it
             hb = max(self.supervisor.heartbeat_timeout, 3 * w.predicted_ms / 1e3 + 0.5)
             self.supervisor.add(w.wid, now, hb)
             self.supervisor.on_running(w.wid, now)
-        self.t_started = time.monotonic()
-        log.info("pipeline running: %d stages, %d workers, %d slots", len(stages), len(self.workers),
-                 self.max_inflight)
+            self.dispatcher.set_accepting(w.wid, True)
+        self._running = True
+        self.t_started = now
+        log.info("pipeline generation %d running: %d stages, %d workers, %d slots (started in %.2f s)",
+                 self.generation, len(self.plan.stages), len(self.workers), self.max_inflight, now - self._t_begin)
+
+    def check_start(self) -> None:
+        """While starting: raise WorkerDied if a worker died or the start took too long."""
+        if self._running:
+            return
+        for w in self.workers:
+            if not w.running and not w.process.is_alive():
+                raise WorkerDied(f"{w.spec.name} (pid {w.pid}) {describe_exit(w.process.exitcode)} before RUNNING")
+        if time.monotonic() - self._t_begin > self.start_timeout:
+            names = ", ".join(w.spec.name for w in self.workers if not w.running)
+            raise WorkerDied(f"timed out after {self.start_timeout:.0f}s waiting for RUNNING from {names}")
 
     def _await(self, done, what: str) -> None:
-        deadline = time.monotonic() + self.start_timeout
         while not all(done(w) for w in self.workers):
-            if time.monotonic() > deadline:
-                names = ", ".join(w.spec.name for w in self.workers if not done(w))
-                raise WorkerDied(f"timed out after {self.start_timeout:.0f}s waiting for {what} from {names}")
-            for w in self.workers:
-                if not done(w) and not w.process.is_alive():
-                    raise WorkerDied(f"{w.spec.name} (pid {w.pid}) {describe_exit(w.process.exitcode)} before {what}")
+            self.check_start()
             if self._ctl.poll(100):
-                self._drain_control([], starting=True)
+                self._drain_control([])
 
     def _go(self, w: WorkerHandle) -> None:
         """A READY worker: (re)connect its work socket, tell it the client regions, let it run."""
@@ -247,7 +275,7 @@ class Pipeline:
     # ---------------------------------------------------------------- submitting
     @property
     def can_submit(self) -> bool:
-        return self.ledger.free_slots > 0
+        return self._running and self.ledger.free_slots > 0
 
     def submit(self, arrays: Sequence[np.ndarray] | np.ndarray, tag: Any = None, want_outputs: bool = True) -> int:
         """One frame of model inputs (graph order), copied into the frame's input slot."""
@@ -337,6 +365,9 @@ class Pipeline:
                 self._on_done(parts, done)
         if self._ctl in events:
             self._drain_control(done)
+        if not self._running:
+            self.check_start()
+            return done
         now = time.monotonic()
         if now - self._last_check > 0.05:
             self._last_check = now
@@ -360,6 +391,9 @@ class Pipeline:
         if out.kind == "stale":
             return
         self.dispatcher.on_done(d.worker, now, d.t_end - d.t_start)
+        if self.observer is not None and d.kind == sp.KIND_DONE:
+            w = self._by_wid[d.worker]
+            self.observer(w.cluster, (d.t_end - d.t_start) * 1e3, w.layers_ms)
         rec = out.frame
         if out.kind == "advance":
             if self._tcp:
@@ -387,7 +421,8 @@ class Pipeline:
         self.ledger.release(rec.fid)
         return FrameResult(rec.fid, outputs or [], top, rec.hops, rec.t_submit, now, rec.tag, error, code)
 
-    def _drain_control(self, done: list[FrameResult], starting: bool = False) -> None:
+    def _drain_control(self, done: list[FrameResult]) -> None:
+        starting = not self._running
         while True:
             try:
                 identity, raw = self._ctl.recv_multipart(flags=zmq.NOBLOCK)
@@ -421,14 +456,14 @@ class Pipeline:
                     w.process.kill()
                     continue
                 w.ready, w.endpoint = msg, msg["endpoint"]
-                if not starting:
-                    self._go(w)
+                self._go(w)
             elif kind == "RUNNING":
                 w.running = True
-                if not starting:
-                    self.supervisor.on_running(w.wid, now)
-                    self.dispatcher.set_accepting(w.wid, True)
+                if starting:
+                    if all(x.running for x in self.workers):
+                        self._on_all_running()
                 else:
+                    self.supervisor.on_running(w.wid, now)
                     self.dispatcher.set_accepting(w.wid, True)
             elif kind == "FAILED":
                 if starting:
@@ -542,7 +577,7 @@ class Pipeline:
                         and time.monotonic() < deadline:
                     try:
                         if self._ctl.poll(50):
-                            self._drain_control([], starting=False)
+                            self._drain_control([])
                     except (zmq.ZMQError, HetschedError):
                         time.sleep(0.01)
         finally:
@@ -563,6 +598,30 @@ class Pipeline:
             self.rings = []
             if self._own_run_dir:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def retire(self) -> None:
+        """Begin stopping without blocking (a plan that was replaced): ``retired`` finishes the job."""
+        if self._retire_t is None:
+            self._retire_t = time.monotonic()
+            for w in self.workers:
+                try:
+                    self._ctl.send_multipart([w.identity, sp.control("STOP")], flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+
+    def retired(self, grace: float = 3.0) -> bool:
+        """True once every worker of a retiring pipeline is gone and its resources are closed."""
+        if self._stopped:
+            return True
+        if self._retire_t is None:
+            self.retire()
+        if self._ctl.poll(0):
+            self._drain_control([])
+        alive = any(w.process is not None and w.process.is_alive() for w in self.workers)
+        if alive and time.monotonic() - self._retire_t < grace:
+            return False
+        self.stop(drain_timeout=0, grace=0)
+        return True
 
     def __enter__(self) -> "Pipeline":
         return self.start()

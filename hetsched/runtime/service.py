@@ -225,8 +225,10 @@ def running_service(prep: Prepared, bind: str | None = None, *, with_preprocess:
     The config's ``security`` (CURVE keys, bind policy) and ``limits`` apply to the client socket;
     the image limits also to the decoding stage. A bind that the security policy refuses fails
     before any worker starts."""
-    from hetsched.runtime.pipeline import Pipeline
     from hetsched.model.preprocess import ImageLimits
+    from hetsched.planning.planner import evaluate_stages
+    from hetsched.runtime.pipeline import Pipeline
+    from hetsched.runtime.runtime import ReplanSettings, Runtime
     from hetsched.wire.security import SecuritySettings, check_bind
     from hetsched.server.front import Server, ServerLimits, check_limits
 
@@ -238,10 +240,24 @@ def running_service(prep: Prepared, bind: str | None = None, *, with_preprocess:
     limits = ServerLimits(max_pending=cfg.server.max_pending, **cfg.limits.server_overrides())
     image_limits = ImageLimits(**cfg.limits.image_overrides())
     check_limits(limits, image_limits, prep.graph.inputs[0])
-    pipe = Pipeline(prep.model, prep.graph, prep.plan, transport=cfg.transport.kind, host=cfg.transport.host,
-                    max_inflight=max_inflight or cfg.server.max_inflight,
-                    preprocess=cfg.input if prep.with_preprocess else None, image_limits=image_limits,
-                    topk=topk_spec(prep.model, prep.graph, cfg.input.top_k))
+    topk = topk_spec(prep.model, prep.graph, cfg.input.top_k)
+
+    def make_pipeline(plan: Plan, generation: int, frame_ids) -> Pipeline:
+        return Pipeline(prep.model, prep.graph, plan, transport=cfg.transport.kind, host=cfg.transport.host,
+                        max_inflight=max_inflight or cfg.server.max_inflight,
+                        preprocess=cfg.input if prep.with_preprocess else None, image_limits=image_limits,
+                        topk=topk, frame_ids=frame_ids, generation=generation)
+
+    specs = prep.cluster_specs()
+    rp = cfg.planner.replan
+    pipe = Runtime(prep.plan, make_pipeline, base_costs=prep.costs,
+                   plan_fn=lambda costs: make_plan(cfg, costs, specs, prep.transfer),
+                   evaluate_fn=lambda costs, a: evaluate_stages(costs, specs, prep.transfer, a,
+                                                                objective=cfg.planner.objective,
+                                                                target_fps=cfg.planner.target_fps),
+                   preprocess_ms=prep.preprocess_ms, encoded_share=prep.encoded_share,
+                   settings=ReplanSettings(rp.enabled, rp.check_s, rp.min_gain, rp.threshold, cfg.planner.tie_tolerance),
+                   follow_traffic=cfg.planner.traffic == "auto" and prep.with_preprocess)
     server = None
     try:
         pipe.start()

@@ -168,6 +168,7 @@ def main(spec: WorkerSpec) -> int:
         ctl.send(control("READY", stage=spec.stage, worker=spec.worker, pid=os.getpid(),
                          cores=sorted(os.sched_getaffinity(0)), endpoint=endpoint, **runner.session_info()))
         deadline = time.monotonic() + spec.connect_timeout
+        early: list[dict] = []  # control messages before GO (client regions): handled when serving starts
         while True:
             if stop["flag"] or time.monotonic() > deadline:
                 log.warning("no GO from the coordinator; exiting")
@@ -178,8 +179,9 @@ def main(spec: WorkerSpec) -> int:
                     break
                 if msg["type"] == "STOP":
                     return 0
+                early.append(msg)
         ctl.send(control("RUNNING", stage=spec.stage, worker=spec.worker))
-        return serve(spec, runner, inp, out, ctl, stop)
+        return serve(spec, runner, inp, out, ctl, stop, early)
     except Exception as exc:
         try:
             ctl.send(control("FAILED", stage=spec.stage, worker=spec.worker, pid=os.getpid(),
@@ -199,7 +201,7 @@ def main(spec: WorkerSpec) -> int:
             runner.close()
 
 
-def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict) -> int:
+def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, early: list[dict] = ()) -> int:
     """The worker's loop (see the module docstring)."""
     import numpy as np
     import zmq
@@ -255,6 +257,8 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict) -> i
                 r.close()
         return True
 
+    for msg in early:
+        on_control(msg)
     while not stop["flag"]:
         if not poller.poll(min(100, int(interval * 1000))):
             if monotonic() - t_last_stats >= interval:
@@ -276,12 +280,13 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict) -> i
                 errors += 1
                 continue
             try:
-                t_start = monotonic()
+                t_start = t_recv  # compute starts after decoding (the decoding shows as queueing)
                 if tcp:
                     if w.kind == sp.KIND_BYTES:
                         if decode is None:
                             raise ProtocolError("BAD_ENCODING", "this stage does not decode images")
                         arrays = [decode(parts[1].buffer)]
+                        t_start = monotonic()
                     else:
                         arrays = _arrays_from_frames(spec, parts[1:])
                     outs = runner.run_arrays(arrays)
@@ -300,7 +305,9 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict) -> i
                 elif w.kind == sp.KIND_BYTES:
                     if decode is None:
                         raise ProtocolError("BAD_ENCODING", "this stage does not decode images")
-                    outs = runner.run_external(w.slot, decode(parts[1].buffer))
+                    x = decode(parts[1].buffer)
+                    t_start = monotonic()
+                    outs = runner.run_external(w.slot, x)
                 else:
                     raise ProtocolError("BAD_FRAMES", "tensors in frames on a shared-memory link")
                 t_end = monotonic()

@@ -26,7 +26,8 @@ MAX_SAMPLES = 4096
 class WorkerHandle:
     spec: WorkerSpec
     cluster: str
-    predicted_ms: float
+    predicted_ms: float       # service time of one frame (the dispatcher's first estimate)
+    layers_ms: float = 0.0    # the layers' own compute (what the worker measures as compute)
     process: Any = None
     endpoint: str | None = None
     ready: dict | None = None

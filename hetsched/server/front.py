@@ -111,6 +111,7 @@ class Server:
             raise ConfigError(f"input.labels: {labels_path} has {len(self.labels)} labels, the model "
                               f"outputs {n_classes} classes")
         self._next_region = 0
+        self._note_submit = getattr(pipeline, "note_submit", None)  # a Runtime follows the traffic mix
         self.auth: ServerAuth | None = None
         curve = uses_curve(bind, self.security)
         if self.security.server_enabled and not curve:
@@ -294,6 +295,8 @@ class Server:
         client.frames += 1
         self.counters["accepted"] += 1
         self.pending.append(_Job(client, sub.stream, entry, kind, data, sub.want_outputs, time.monotonic()))
+        if self._note_submit is not None:
+            self._note_submit(kind == "encoded")
 
     def _register_shm(self, client: _Client, msg: dict) -> dict:
         """A local client's shared-memory input region (zero-copy input path, ipc:// only: a tcp peer
@@ -448,6 +451,7 @@ class Server:
         return {"uptime_s": uptime, "t": now, "pid": os.getpid(), "plan": self.pipe.plan.to_dict(), "stages": stages,
                 "queue": {"pending": len(self.pending), "in_flight": len(self.pipe.inflight)},
                 "clients": len(self.clients), "workers": len(self.pipe.workers),
+                "replan": self.pipe.describe() if hasattr(self.pipe, "describe") else None,
                 "supervision": {**self.pipe.supervisor.describe(),
                                 "recovery_times_s": [round(t, 3) for t in self.pipe.recovery_times],
                                 "replayed": self.pipe.replayed, "duplicates_dropped": self.pipe.duplicates_dropped},

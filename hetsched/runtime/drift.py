@@ -1,0 +1,140 @@
+"""Drift detection and the re-plan decision (pure: numbers in, decisions out).
+
+Clusters do not keep their speed (thermal throttling, DVFS, other programs). Every worker already
+reports how long each frame's compute took; :class:`DriftDetector` compares that, per cluster, with
+what the plan predicted for the same work, smooths it (exponential moving average over frames) and
+says a cluster *drifted* only when its smoothed speed has been off the speed the plan assumed by
+more than ``threshold`` for ``hold_s`` seconds (hysteresis: noise and short bursts do not flap the
+plan). It also follows the traffic mix: the share of encoded (JPEG/PNG) frames, which moves work
+into stage 0.
+
+:func:`decide` then re-plans from the measured speeds (the cluster's layer costs scaled by its
+measured slowdown, no re-profiling on the hot path) and says whether the new plan is worth a switch:
+its predicted rate must beat the current plan's (evaluated with the same new costs) by ``min_gain``,
+or, at a rate within the planner's tie tolerance, its predicted p99 must be lower by ``min_gain``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from hetsched.planning.plan import CostTable, Plan, StageSpec
+
+
+@dataclass
+class ClusterDrift:
+    speed: float = 1.0            # smoothed measured / predicted speed (1.0 = as planned; 0.5 = half)
+    assumed: float = 1.0          # the speed the running plan was made for
+    samples: int = 0
+    off_since: float | None = None
+
+
+@dataclass
+class DriftDetector:
+    threshold: float = 0.15       # relative deviation of speed that counts as drift
+    hold_s: float = 2.0           # ... for at least this long
+    weight: float = 0.05          # EWMA weight of one frame
+    min_samples: int = 20
+    mix_threshold: float = 0.3    # change of the encoded share that counts as drift
+    clusters: dict[str, ClusterDrift] = field(default_factory=dict)
+    encoded_share: float = 0.0    # smoothed share of encoded frames
+    assumed_share: float = 0.0
+    mix_samples: int = 0
+    mix_off_since: float | None = None
+
+    def on_frame(self, cluster: str, measured_ms: float, predicted_ms: float) -> None:
+        """One frame's compute on a worker of ``cluster`` against the plan's prediction for it."""
+        if measured_ms <= 0 or predicted_ms <= 0:
+            return
+        c = self.clusters.setdefault(cluster, ClusterDrift())
+        # speed relative to the prediction, times the speed the prediction already assumed
+        s = c.assumed * predicted_ms / measured_ms
+        c.speed = s if c.samples == 0 else c.speed + self.weight * (s - c.speed)
+        c.samples += 1
+
+    def on_submit(self, encoded: bool) -> None:
+        x = 1.0 if encoded else 0.0
+        self.encoded_share = x if self.mix_samples == 0 else self.encoded_share + self.weight * (x - self.encoded_share)
+        self.mix_samples += 1
+
+    def drifted(self, now: float) -> list[str]:
+        """Reasons the plan no longer fits (empty when it fits)."""
+        reasons = []
+        for name, c in sorted(self.clusters.items()):
+            off = c.samples >= self.min_samples and abs(c.speed / c.assumed - 1.0) > self.threshold
+            if not off:
+                c.off_since = None
+                continue
+            c.off_since = now if c.off_since is None else c.off_since
+            if now - c.off_since >= self.hold_s:
+                reasons.append(f"cluster {name} runs at {c.speed:.2f} of its profiled speed "
+                               f"(plan assumed {c.assumed:.2f}) for {now - c.off_since:.1f} s")
+        off = self.mix_samples >= self.min_samples and abs(self.encoded_share - self.assumed_share) > self.mix_threshold
+        if not off:
+            self.mix_off_since = None
+        else:
+            self.mix_off_since = now if self.mix_off_since is None else self.mix_off_since
+            if now - self.mix_off_since >= self.hold_s:
+                reasons.append(f"{self.encoded_share:.0%} of frames are encoded images (plan assumed "
+                               f"{self.assumed_share:.0%})")
+        return reasons
+
+    def speeds(self) -> dict[str, float]:
+        return {n: c.speed for n, c in self.clusters.items() if c.samples >= self.min_samples}
+
+    def adopt(self, speeds: Mapping[str, float], encoded_share: float) -> None:
+        """A new plan was made for these speeds and this mix: measure against it from now on."""
+        for name, s in speeds.items():
+            c = self.clusters.setdefault(name, ClusterDrift())
+            c.assumed, c.off_since = s, None
+            if c.samples == 0:
+                c.speed = s
+        self.assumed_share, self.mix_off_since = encoded_share, None
+
+
+def scaled_costs(base: CostTable, speeds: Mapping[str, float], preprocess_ms: Mapping[str, float],
+                 encoded_share: float) -> CostTable:
+    """The profiled costs with each cluster's compute divided by its measured speed, and stage 0's
+    decoding weighted by the measured share of encoded frames."""
+    layer_ms = {c: {t: tuple(v / speeds.get(c, 1.0) for v in row) for t, row in per_t.items()}
+                for c, per_t in base.layer_ms.items()}
+    input_ms = {c: encoded_share * ms / speeds.get(c, 1.0) for c, ms in preprocess_ms.items()}
+    return dataclasses.replace(base, layer_ms=layer_ms, input_ms=input_ms)
+
+
+def as_assignment(plan: Plan) -> list[StageSpec]:
+    """A plan's layout, to evaluate it again under other costs."""
+    return [StageSpec(s.first_layer, s.last_layer, tuple((m.cluster, len(m.cores), m.threads, m.replicas)
+                                                          for m in s.members)) for s in plan.stages]
+
+
+@dataclass(frozen=True)
+class Decision:
+    switch: bool
+    reason: str
+    current: Plan            # the running plan, re-evaluated under the measured costs
+    candidate: Plan
+    gain: float              # relative throughput gain (or p99 gain when rates tie)
+
+
+def decide(current_plan: Plan, costs: CostTable, plan_fn: Callable[[CostTable], Plan],
+           evaluate_fn: Callable[[CostTable, list], Plan], *, min_gain: float = 0.1,
+           tie_tolerance: float = 0.02) -> Decision:
+    """Re-plan with ``costs`` (already scaled to the measured speeds) and decide whether to switch."""
+    now_plan = evaluate_fn(costs, as_assignment(current_plan))
+    cand = plan_fn(costs)
+    if cand.shape() == current_plan.shape():
+        return Decision(False, "the best plan for the measured speeds is the running one", now_plan, cand, 0.0)
+    rate_gain = cand.throughput_fps / now_plan.throughput_fps - 1.0
+    if rate_gain > min_gain:
+        return Decision(True, f"predicted {cand.throughput_fps:.1f} fps vs {now_plan.throughput_fps:.1f} fps "
+                              f"(+{rate_gain:.0%})", now_plan, cand, rate_gain)
+    if rate_gain >= -tie_tolerance:
+        p99_gain = 1.0 - cand.latency_ms / now_plan.latency_ms
+        if p99_gain > min_gain:
+            return Decision(True, f"predicted p99 {cand.latency_ms:.1f} ms vs {now_plan.latency_ms:.1f} ms "
+                                  f"(-{p99_gain:.0%}) at {cand.throughput_fps:.1f} vs "
+                                  f"{now_plan.throughput_fps:.1f} fps", now_plan, cand, p99_gain)
+    return Decision(False, f"a new plan would gain too little (rate {rate_gain:+.0%})", now_plan, cand, rate_gain)

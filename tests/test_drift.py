@@ -1,0 +1,102 @@
+"""Drift detection and the re-plan decision, without processes: numbers in, decisions out."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from hetsched.planning.plan import ClusterSpec, CostTable, TransferModel
+from hetsched.planning.planner import evaluate_stages, plan_pipeline
+from hetsched.runtime.drift import DriftDetector, as_assignment, decide, scaled_costs
+
+CLUSTERS = [ClusterSpec("big", (0,)), ClusterSpec("little", (1,))]
+TM = TransferModel(per_message_ms=0.01, per_mb_ms=0.0)
+
+
+def costs(n=12, ms=1.0):
+    row = tuple([ms] * n)
+    return CostTable(tuple(f"l{i}" for i in range(n)), {"big": {1: row}, "little": {1: row}}, tuple([1000] * (n + 1)))
+
+
+def feed(det, t0, t1, speeds, rng, noise=0.05, fps=200):
+    t = t0
+    while t < t1:
+        for cluster, speed in speeds.items():
+            det.on_frame(cluster, measured_ms=5.0 / speed * (1 + rng.uniform(-noise, noise)), predicted_ms=5.0)
+        t += 1.0 / fps
+    return det.drifted(t1)
+
+
+def test_noise_does_not_count_as_drift_and_a_lasting_slowdown_does():
+    rng = random.Random(1)
+    det = DriftDetector(threshold=0.15, hold_s=2.0)
+    assert feed(det, 0.0, 5.0, {"big": 1.0, "little": 1.0}, rng, noise=0.12) == []
+    # a burst shorter than hold_s does not flap the plan
+    assert feed(det, 5.0, 6.0, {"big": 1.0, "little": 0.33}, rng) == []
+    assert feed(det, 6.0, 6.5, {"big": 1.0, "little": 1.0}, rng) == []
+    for t in (7.0, 7.5, 8.0, 8.5):   # the speed estimate settles and then has to hold for 2 s
+        reasons = feed(det, t, t + 0.5, {"big": 1.0, "little": 0.33}, rng)
+    assert reasons == []
+    reasons = feed(det, 9.0, 11.5, {"big": 1.0, "little": 0.33}, rng)
+    assert len(reasons) == 1 and "cluster little runs at 0.3" in reasons[0]
+    assert det.speeds()["little"] == pytest.approx(0.33, rel=0.1) and det.speeds()["big"] == pytest.approx(1.0, rel=0.1)
+    # once a plan is made for the new speeds, the same speeds are no longer drift
+    det.adopt(det.speeds(), 0.0)
+    assert feed(det, 11.5, 15.0, {"big": 1.0, "little": 0.33}, rng) == []
+
+
+def test_a_change_of_traffic_mix_is_drift():
+    det = DriftDetector(hold_s=1.0)
+    for _ in range(100):
+        det.on_submit(encoded=False)
+    assert det.drifted(0.0) == [] and det.drifted(5.0) == []
+    for _ in range(200):
+        det.on_submit(encoded=True)
+    assert det.drifted(10.0) == []
+    assert "encoded" in det.drifted(11.5)[0]
+
+
+def test_scaled_costs_divide_compute_by_speed_and_weight_decoding_by_the_mix():
+    base = costs()
+    scaled = scaled_costs(base, {"little": 0.5}, {"big": 2.0, "little": 4.0}, encoded_share=0.25)
+    assert scaled.layer_ms["little"][1][0] == pytest.approx(2.0) and scaled.layer_ms["big"][1][0] == 1.0
+    assert scaled.input_ms == {"big": pytest.approx(0.5), "little": pytest.approx(2.0)}
+
+
+def plan_fn(c):
+    return plan_pipeline(c, CLUSTERS, TM, tie_tolerance=0.02)
+
+
+def eval_fn(c, a):
+    return evaluate_stages(c, CLUSTERS, TM, a)
+
+
+def test_a_slowed_little_core_makes_a_pipeline_worth_it_and_back():
+    base = costs()
+    running = plan_fn(base)
+    assert running.n_stages == 1 and len(running.stages[0].members) == 2     # per-core replicas
+    same = decide(running, base, plan_fn, eval_fn)
+    assert not same.switch and "running one" in same.reason
+    slow = scaled_costs(base, {"little": 0.33}, {}, 0.0)
+    d = decide(running, slow, plan_fn, eval_fn)
+    # the rate of both is about the same; the pipeline never holds a whole frame on the little core
+    assert d.switch and "p99" in d.reason and d.candidate.n_stages == 2
+    assert d.candidate.latency_ms < 0.7 * d.current.latency_ms
+    # and when the core is fast again, the pipeline is left for replicas (a throughput gain)
+    back = decide(d.candidate, base, plan_fn, eval_fn)
+    assert back.switch and "fps" in back.reason and back.candidate.n_stages == 1
+
+
+def test_a_small_gain_is_not_worth_a_switch():
+    base = costs()
+    no_pools = lambda c: plan_pipeline(c, CLUSTERS, TM, allow_pools=False)  # noqa: E731
+    running = no_pools(base)
+    assert running.n_stages == 2
+    # little 5% slower: a better split exists but gains less than min_gain
+    d = decide(running, scaled_costs(base, {"little": 0.95}, {}, 0.0), no_pools, eval_fn, min_gain=0.1)
+    assert not d.switch
+    d = decide(running, scaled_costs(base, {"little": 0.33}, {}, 0.0), no_pools, eval_fn, min_gain=0.1)
+    assert d.switch and d.gain > 0.5
+    assert [s.n_layers for s in d.candidate.stages] == [9, 3]
+    assert as_assignment(d.candidate)[0].members == (("big", 1, 1, 1),)
