@@ -4,7 +4,6 @@ model on real photos, the wire fields (parse_submit) and what Client.submit puts
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -20,7 +19,8 @@ from hetsched.model.preprocess import ImageLimits, decode_image, preprocess_arra
 from hetsched.wire import client_protocol as cp
 from hetsched.wire.shm import attach_region
 
-from .conftest import SHARED_IMAGES, SHARED_MODEL, needs_shared
+from .conftest import SHARED_IMAGES, needs_shared
+from .test_preprocess import session  # noqa: F401 - the real model's onnxruntime session (a fixture)
 
 KR_KB = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722), "full": (0.299, 0.114)}
 AV_COLOR = {"bt601": ("itu601", "MPEG"), "bt709": ("itu709", "MPEG"), "full": ("itu601", "JPEG")}
@@ -229,15 +229,6 @@ def test_bad_image_cases():
 
 # ---------------------------------------------------------------------------------------------
 # the real model
-
-
-@pytest.fixture(scope="module")
-def session():
-    ort = pytest.importorskip("onnxruntime")
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(SHARED_MODEL), so, providers=["CPUExecutionProvider"])
 
 
 def top1(session, x: np.ndarray) -> int:

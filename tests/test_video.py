@@ -5,9 +5,9 @@ model; then ``hetsched feed --video`` and scripts/camera_example.py against a ru
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,9 @@ from hetsched.errors import HetschedError
 from hetsched.model.pixels import payload_size, pixels_to_input, pixels_to_rgb
 from hetsched.model.preprocess import decode_image
 
-from .conftest import ROOT, SHARED_IMAGES, SHARED_LABELS, SHARED_MODEL, needs_shared, wait_for
+from .conftest import ROOT, SHARED_IMAGES, SHARED_LABELS, SHARED_MODEL, needs_shared
+from .test_lifecycle import start_service
+from .test_pixels import session, top1  # noqa: F401 - session is a fixture
 
 av = pytest.importorskip("av", reason="PyAV is the video extra: pip install -e '.[video]'")
 
@@ -60,19 +62,6 @@ def clip(tmp_path_factory) -> Path:
     if not SHARED_IMAGES.is_dir():
         pytest.skip(f"shared images not present at {SHARED_IMAGES}")
     return write_clip(tmp_path_factory.mktemp("video") / "chelsea.mp4", chelsea())
-
-
-@pytest.fixture(scope="module")
-def session():
-    ort = pytest.importorskip("onnxruntime")
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(SHARED_MODEL), so, providers=["CPUExecutionProvider"])
-
-
-def top1(session, x: np.ndarray) -> int:
-    return int(np.argmax(session.run(None, {session.get_inputs()[0].name: x})[0]))
 
 
 def mean_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -218,28 +207,8 @@ def test_raw_rgb_video_odd_sizes_and_source_errors(tmp_path):
 # end to end: hetsched feed --video against a running service
 
 
-def start_service(tmp_path: Path):
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(f"model: {SHARED_MODEL}\nclusters:\n  big: {{cores: [0]}}\n  little: {{cores: [1]}}\n"
-                   f"profile: {{measure: false}}\ninput: {{labels: {SHARED_LABELS}}}\n")
-    sock = f"ipc://{tmp_path}/client.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "hetsched", "start", "--config", str(cfg), "--bind", sock],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-    try:
-        wait_for(lambda: any("serving on" in ln for ln in lines) or proc.poll() is not None, timeout=120,
-                 what="the service to start")
-    except AssertionError:
-        proc.kill()
-        proc.wait(10)
-        raise
-    assert proc.poll() is None, "".join(lines)
-    return proc, sock, lines
-
-
 def stop_service(proc) -> None:
-    proc.send_signal(2)  # SIGINT: drain and stop
+    proc.send_signal(signal.SIGINT)  # drain and stop
     try:
         proc.wait(60)
     except subprocess.TimeoutExpired:
@@ -251,7 +220,9 @@ def stop_service(proc) -> None:
 def service(tmp_path):
     if not SHARED_MODEL.is_file():
         pytest.skip(f"shared model not present at {SHARED_MODEL}")
-    proc, sock, lines = start_service(tmp_path)
+    proc, sock, _ = start_service(tmp_path, f"model: {SHARED_MODEL}\nclusters:\n  big: {{cores: [0]}}\n"
+                                  f"  little: {{cores: [1]}}\nprofile: {{measure: false}}\n"
+                                  f"input: {{labels: {SHARED_LABELS}}}\n")
     yield sock
     stop_service(proc)
 
