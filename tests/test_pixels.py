@@ -4,7 +4,6 @@ model on real photos, the wire fields (parse_submit) and what Client.submit puts
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import zmq

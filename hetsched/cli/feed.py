@@ -119,7 +119,8 @@ def add_parser(sub, common) -> None:
     sp.add_argument("--stream", default="feed", help="stream name")
     sp.add_argument("--json", action="store_true", help="one JSON line per result, then a summary line")
     sp.add_argument("--shm", action="store_true",
-                    help="raw tensors through shared memory (same host, ipc:// service): no tensor copies on the socket")
+                    help="raw tensors and video frames through shared memory (same host, ipc:// service): no frame "
+                         "bytes on the socket")
     sp.add_argument("--show", action="store_true", help="print each result's top-1")
     sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a reply")
     from hetsched.cli.keys import add_client_key_arguments
