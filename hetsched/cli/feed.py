@@ -1,16 +1,36 @@
-"""``hetsched feed``: stream images (files, a directory, synthetic frames, a video) into a running
-service over its client socket, with a live progress line and a final summary (``--json``: one
-JSON object per result, then the summary)."""
+"""``hetsched feed``: stream images (files, a directory, synthetic frames, a video file or camera) into
+a running service over its client socket, with a live progress line and a final summary (``--json``:
+one JSON object per result, then the summary). Video frames are decoded with PyAV and sent as raw
+pixels (no JPEG round trip); each result names the frame's number and timestamp."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Iterator
 
 from hetsched.client.feed import FeedStats, feed, file_frames, image_files, synthetic_frames, video_frames
+from hetsched.client.video import PIXEL_CHOICES, VideoFrame, VideoSource
 from hetsched.errors import HetschedError
+from hetsched.model.pixels import payload_size
+
+
+def open_video(args: argparse.Namespace, hello: dict) -> VideoSource:
+    """The --video source, after checking that the service takes its pixel encoding."""
+    options = {}
+    for opt in args.video_option:
+        key, sep, value = opt.partition("=")
+        if not sep or not key:
+            raise HetschedError(f"--video-option {opt!r}: expected KEY=VALUE, e.g. video_size=1280x720")
+        options[key] = value
+    accepts = hello.get("accepts", [])
+    if args.pixels not in accepts:
+        raise HetschedError(f"the service does not accept raw {args.pixels} frames (it accepts "
+                            f"{', '.join(accepts) or 'nothing'}); it needs pixel input (a newer hetsched, "
+                            "started with image preprocessing)")
+    return VideoSource(args.video, pixels=args.pixels, loop=args.loop, options=options)
 
 
 def cmd_feed(args: argparse.Namespace) -> int:
@@ -19,25 +39,32 @@ def cmd_feed(args: argparse.Namespace) -> int:
 
     from hetsched.cli.keys import client_key_options
     stop = StopFlag().install()
-    with Client(args.connect, timeout=args.timeout, **client_key_options(args)) as client:
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(Client(args.connect, timeout=args.timeout, **client_key_options(args)))
         hello = client.hello()
-        if args.synthetic and args.shm and not client.enable_shm(args.window + 2):
-            eprint("note: the service does not offer shared-memory input here (ipc:// only); sending tensors over "
-                   "the socket")
         if args.synthetic:
             inp = hello["input"]
             frames: Iterator = synthetic_frames(tuple(inp["shape"]), inp["dtype"])
         elif args.video:
-            frames = video_frames(args.video, args.loop)
+            video = stack.enter_context(open_video(args, hello))
+            frames = video_frames(video)
+            if args.fps is None and not video.device:
+                args.fps = video.rate  # the file's frame rate; a camera paces itself
         elif args.images or args.files:
             frames = file_frames(image_files((args.images or []) + (args.files or [])), args.loop)
         else:
-            raise HetschedError("give --images DIR, --files F.., --video F or --synthetic")
+            raise HetschedError("give --images DIR, --files F.., --video F|DEVICE or --synthetic")
+        slot_bytes = payload_size(video.encoding, video.width, video.height) if args.video else None
+        if (args.synthetic or args.video) and args.shm and not client.enable_shm(args.window + 2, slot_bytes):
+            eprint("note: the service does not offer shared-memory input here (ipc:// only); sending frames over "
+                   "the socket")
         tty = sys.stderr.isatty()
 
-        def on_result(name: str, rep: dict) -> None:
+        def on_result(name, rep: dict) -> None:
             if args.json:
-                out = {"type": rep["type"], "source": name, "stream": rep.get("stream"), "seq": rep.get("seq")}
+                out = {"type": rep["type"], "source": str(name), "stream": rep.get("stream"), "seq": rep.get("seq")}
+                if isinstance(name, VideoFrame):
+                    out.update(frame=name.index, t=name.time, loop=name.loop)
                 if rep["type"] == "result":
                     out.update(top_k=rep["top_k"], latency_ms=rep["latency_ms"], stages=rep["stages"])
                 else:
@@ -74,18 +101,28 @@ def add_parser(sub, common) -> None:
     src = sp.add_argument_group("source (one of)")
     src.add_argument("--images", nargs="+", help="image directories or files (JPEG/PNG)")
     src.add_argument("--files", nargs="+", help="image files")
-    src.add_argument("--video", help="a video file (needs opencv-python-headless)")
     src.add_argument("--synthetic", action="store_true", help="random raw tensors of the model's input shape")
-    sp.add_argument("--loop", action="store_true", help="repeat the images")
-    sp.add_argument("--fps", type=float, default=None, help="target frames/s (default: as fast as allowed)")
+    src.add_argument("--video", metavar="FILE|DEVICE",
+                     help="a video file or a V4L2 camera (/dev/video0), decoded with PyAV (pip install "
+                          "'hetsched[video]') and sent as raw pixels")
+    sp.add_argument("--pixels", choices=PIXEL_CHOICES, default="rgb24",
+                    help="--video: send rgb24 (default; the service converts nothing) or nv12 (half the bytes, "
+                         "the service converts YUV)")
+    sp.add_argument("--video-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="--video: an FFmpeg input option, e.g. video_size=1280x720, framerate=30, "
+                         "input_format=mjpeg (repeatable)")
+    sp.add_argument("--loop", action="store_true", help="repeat the images or the video file")
+    sp.add_argument("--fps", type=float, default=None,
+                    help="target frames/s (default: a video file's own frame rate, else as fast as allowed)")
     sp.add_argument("--duration", type=float, default=None, help="stop sending after this many seconds")
     sp.add_argument("--count", type=int, default=None, help="stop after sending this many frames")
     sp.add_argument("--window", type=int, default=8, help="max frames in flight")
     sp.add_argument("--stream", default="feed", help="stream name")
     sp.add_argument("--json", action="store_true", help="one JSON line per result, then a summary line")
     sp.add_argument("--no-shm", dest="shm", action="store_false",
-                    help="send raw tensors over the socket even when the service offers shared-memory input "
-                         "(by default a client on the same host as an ipc:// service writes them to /dev/shm)")
+                    help="send raw tensors and video frames over the socket even when the service offers "
+                         "shared-memory input (by default a client on the same host as an ipc:// service writes "
+                         "them to /dev/shm and only a header crosses the socket)")
     sp.add_argument("--show", action="store_true", help="print each result's top-1")
     sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a reply")
     from hetsched.cli.keys import add_client_key_arguments

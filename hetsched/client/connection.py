@@ -3,6 +3,8 @@
     with Client("tcp://127.0.0.1:5555") as c:
         c.submit(open("cat.jpg", "rb").read(), stream="cam0")
         c.submit(np_array_float32, stream="cam0")          # raw tensor of the model's input shape
+        c.submit(rgb_hwc_uint8, stream="cam0", encoding="rgb24")          # raw camera pixels
+        c.submit(nv12_bytes, stream="cam1", encoding="nv12", width=1280, height=720)
         for reply in c.replies(expect=2):
             print(reply["seq"], reply["top_k"][0])
 
@@ -23,12 +25,43 @@ from typing import Any, Iterator
 import numpy as np
 import zmq
 
-from hetsched.wire import client_protocol as cp
 from hetsched.errors import HetschedError
+from hetsched.model.pixels import PIXEL_ENCODINGS, YUV_ENCODINGS, payload_size
+from hetsched.wire import client_protocol as cp
 from hetsched.wire.security import SecuritySettings, apply_client
 
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+def _pixel_payload(data: Any, encoding: str, width: int | None, height: int | None,
+                   color: str | None) -> tuple[np.ndarray, dict]:
+    """(contiguous uint8 array of the frame's bytes, header fields) of a raw pixel frame."""
+    arr = data if isinstance(data, np.ndarray) else np.frombuffer(memoryview(data).cast("B"), np.uint8)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"{encoding} pixels must be uint8, got {arr.dtype}")
+    if encoding in YUV_ENCODINGS:
+        if width is None and height is None and arr.ndim == 2 and arr.shape[0] % 3 == 0:
+            height, width = arr.shape[0] * 2 // 3, arr.shape[1]  # PyAV's [H*3/2, W] nv12 array
+        if width is None or height is None:
+            raise ValueError(f"{encoding} needs width and height (or a [H*3/2, W] array)")
+    else:
+        if color is not None:
+            raise ValueError(f"color applies to nv12/nv21 only, not {encoding}")
+        if arr.ndim == 3:
+            if arr.shape[2] != 3 or (width, height) not in ((None, None), (arr.shape[1], arr.shape[0])):
+                raise ValueError(f"{encoding} needs a [H, W, 3] array (matching width and height if given), got "
+                                 f"shape {arr.shape}")
+            height, width = arr.shape[:2]
+        elif width is None or height is None:
+            raise ValueError(f"{encoding} needs a [H, W, 3] array (or width and height), got shape {arr.shape}")
+    if arr.nbytes != payload_size(encoding, width, height):
+        raise ValueError(f"{encoding} {width}x{height} is {payload_size(encoding, width, height)} bytes, "
+                         f"got {arr.nbytes}")
+    fields: dict = {"width": width, "height": height}
+    if color is not None:
+        fields["color"] = color
+    return np.ascontiguousarray(arr), fields
 
 
 class Client:
@@ -122,17 +155,21 @@ class Client:
         return HetschedError(f"{what} from {self.endpoint}" + (f": {why}" if why else ""))
 
     # ------------------------------------------------------------------ requests
-    def enable_shm(self, slots: int = 16) -> bool:
-        """Use shared-memory input slots (services on ipc:// only): tensors are written into a
-        /dev/shm region the service maps, and only a small header crosses the socket. Returns
-        False (and keeps sending tensors over the socket) when the service does not offer it."""
+    def enable_shm(self, slots: int = 16, slot_bytes: int | None = None) -> bool:
+        """Use shared-memory input slots (services on ipc:// only): tensors and raw pixel frames are
+        written into a /dev/shm region the service maps, and only a small header crosses the socket.
+        ``slot_bytes`` defaults to one model input; give at least the largest pixel frame you will
+        send (``hetsched.model.pixels.payload_size``: 1382400 for a 1280x720 nv12 frame). Frames
+        larger than a slot still go over the socket. Returns False (and keeps sending over the
+        socket) when the service does not offer it."""
         from hetsched.wire.shm import create_region
-        inp = self.hello()["input"]
-        nbytes = int(np.prod(inp["shape"])) * np.dtype(inp["dtype"]).itemsize
-        region = create_region(slots, nbytes)
+        if slot_bytes is None:
+            inp = self.hello()["input"]
+            slot_bytes = int(np.prod(inp["shape"])) * np.dtype(inp["dtype"]).itemsize
+        region = create_region(slots, slot_bytes)
         try:
             rep = self._request({"type": "shm_register", "name": region.name, "slots": slots,
-                                 "slot_bytes": nbytes}, "shm_registered", errors_ok=True)
+                                 "slot_bytes": slot_bytes}, "shm_registered", errors_ok=True)
         except HetschedError:
             region.close()
             raise
@@ -144,20 +181,38 @@ class Client:
         return True
 
     def submit(self, data: np.ndarray | bytes | memoryview, stream: str = "default", seq: int | None = None,
-               encoding: str | None = None, want_outputs: bool = False) -> int:
-        """Send one frame: a numpy tensor (raw) or encoded JPEG/PNG bytes. Returns its seq."""
+               encoding: str | None = None, want_outputs: bool = False, *, width: int | None = None,
+               height: int | None = None, color: str | None = None) -> int:
+        """Send one frame; returns its seq.
+
+        * a numpy tensor of the model input's dtype and shape (``encoding`` None: raw);
+        * encoded JPEG/PNG bytes (``encoding`` None/"image", "jpeg" or "png");
+        * raw pixels (docs/protocol.md, "Raw pixel frames"): ``encoding="rgb24"`` or ``"bgr24"`` with a
+          uint8 [H, W, 3] array; ``encoding="nv12"`` or ``"nv21"`` with ``width``, ``height`` and the
+          W*H*3/2 bytes (bytes, memoryview or a uint8 array; a [H*3/2, W] array, as PyAV's
+          ``to_ndarray(format="nv12")`` gives, needs no ``width``/``height``), ``color`` "bt601"
+          (default), "bt709" or "full".
+
+        With :meth:`enable_shm`, tensors and pixel frames that fit a slot go through shared memory.
+        Raises ValueError for pixels that do not match their encoding and size.
+        """
         if seq is None:
             seq = next(self._seqs.setdefault(stream, itertools.count()))
         head: dict = {"type": "submit", "stream": stream, "seq": seq}
         if want_outputs:
             head["outputs"] = True
-        if isinstance(data, np.ndarray) and self._free_slots and data.nbytes <= self._region.slot_bytes:
-            slot = self._free_slots.pop()
-            np.copyto(self._region.view(slot, data.dtype.name, data.shape), data)
-            self._slot_of[(stream, seq)] = slot
-            head.update(encoding="shm", shm=self._shm_id, slot=slot, dtype=data.dtype.name, shape=list(data.shape))
-            self.sock.send_multipart([cp.encode(head)])
+        if encoding in PIXEL_ENCODINGS:
+            pix, fields = _pixel_payload(data, encoding, width, height, color)
+            if self._free_slots and pix.nbytes <= self._region.slot_bytes:
+                return self._submit_shm(head, stream, seq, pix, {"pixels": encoding, **fields})
+            head.update(encoding=encoding, **fields)
+            self.sock.send_multipart([cp.encode(head), pix], copy=False)
             return seq
+        if width is not None or height is not None or color is not None:
+            raise ValueError("width, height and color go with a pixel encoding "
+                             f"({', '.join(PIXEL_ENCODINGS)}), not encoding {encoding!r}")
+        if isinstance(data, np.ndarray) and self._free_slots and data.nbytes <= self._region.slot_bytes:
+            return self._submit_shm(head, stream, seq, data, {"dtype": data.dtype.name, "shape": list(data.shape)})
         if isinstance(data, np.ndarray):
             arr = np.ascontiguousarray(data)
             head.update(encoding="raw", dtype=arr.dtype.name, shape=list(arr.shape))
@@ -166,6 +221,14 @@ class Client:
             head["encoding"] = encoding or "image"
             payload = data
         self.sock.send_multipart([cp.encode(head), payload], copy=False)
+        return seq
+
+    def _submit_shm(self, head: dict, stream: str, seq: int, data: np.ndarray, fields: dict) -> int:
+        slot = self._free_slots.pop()
+        np.copyto(self._region.view(slot, data.dtype.name, data.shape), data)
+        self._slot_of[(stream, seq)] = slot
+        head.update(encoding="shm", shm=self._shm_id, slot=slot, **fields)
+        self.sock.send_multipart([cp.encode(head)])
         return seq
 
     def send_raw(self, parts: list) -> None:

@@ -4,11 +4,8 @@ built on it, and so are the demo, ``profile`` and the benchmark."""
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -82,33 +79,21 @@ def synthetic_frames(shape: tuple[int, ...], dtype: str) -> Iterator[tuple[str, 
         yield f"frame-{i}", pool[i % len(pool)]
 
 
-def video_frames(path: str, loop: bool) -> Iterator[tuple[str, bytes]]:
-    try:
-        import cv2  # optional: pip install opencv-python-headless
-    except ImportError:
-        raise HetschedError("--video needs OpenCV: pip install opencv-python-headless") from None
-    while True:
-        cap = cv2.VideoCapture(path)
-        if not cap.isOpened():
-            raise HetschedError(f"cannot open video {path}")
-        i = 0
-        while True:
-            ok, frame = cap.read()
-            if not ok:
-                break
-            ok, buf = cv2.imencode(".jpg", frame)
-            if ok:
-                yield f"{os.path.basename(path)}#{i}", buf.tobytes()
-            i += 1
-        cap.release()
-        if not loop:
-            return
+def video_frames(source) -> Iterator[tuple[object, np.ndarray, dict]]:
+    """(frame, raw pixels, submit arguments) for each decoded frame of an open
+    :class:`hetsched.client.video.VideoSource`: no JPEG round trip. The frame (its ``index``, ``time``
+    and ``label``) is what ``feed`` hands back to ``on_result``."""
+    for f in source.frames():
+        yield f, f.data, f.submit_args()
 
 
-def feed(client, frames: Iterator[tuple[str, object]], *, fps: float | None, duration: float | None,
+def feed(client, frames: Iterator[tuple], *, fps: float | None, duration: float | None,
          count: int | None, window: int, stream: str, on_result=None, on_progress=None,
          should_stop=lambda: False, reply_timeout: float = 30.0) -> FeedStats:
-    """Send frames (at ``fps`` or as fast as the window allows) and collect every reply."""
+    """Send frames (at ``fps`` or as fast as the window allows) and collect every reply.
+
+    ``frames`` yields ``(name, data)`` or ``(name, data, submit keyword arguments)``; ``name`` (any
+    object) comes back as the first argument of ``on_result(name, reply)``."""
     stats = FeedStats()
     names: dict[int, tuple[str, float]] = {}
     interval = 1.0 / fps if fps else 0.0
@@ -123,11 +108,12 @@ def feed(client, frames: Iterator[tuple[str, object]], *, fps: float | None, dur
             exhausted = True
         while not exhausted and len(names) < window and now >= next_send:
             try:
-                name, data = next(frames)
+                item = next(frames)
             except StopIteration:
                 exhausted = True
                 break
-            seq = client.submit(data, stream=stream)
+            name, data, kwargs = item if len(item) == 3 else (item[0], item[1], {})
+            seq = client.submit(data, stream=stream, **kwargs)
             names[seq] = (name, time.monotonic())
             stats.sent += 1
             next_send = next_send + interval if interval else now

@@ -4,7 +4,8 @@ Transport: ZeroMQ. The server binds a ROUTER socket; clients connect a DEALER so
 message is multipart: a UTF-8 JSON header frame, then zero or more binary payload frames.
 Nothing on the wire is ever unpickled or evaluated.
 
-Client -> server:  submit (1 payload frame), hello, stats, query
+Client -> server:  submit (1 payload frame; none for encoding "shm"), hello, stats, query, trace,
+                   shm_register
 Server -> client:  result (0..n payload frames), error, hello, stats, query
 """
 
@@ -18,11 +19,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from hetsched.errors import ProtocolError
+from hetsched.model.pixels import COLORS, DEFAULT_COLOR, PIXEL_ENCODINGS, YUV_ENCODINGS
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 16 * 1024
 MAX_STREAM_NAME = 128
-ENCODINGS = ("jpeg", "png", "image", "raw", "shm")
+IMAGE_ENCODINGS = ("jpeg", "png", "image")
+ENCODINGS = IMAGE_ENCODINGS + ("raw", "shm") + PIXEL_ENCODINGS
+MAX_PIXEL_SIDE = 1 << 20  # the form check of width/height; ImageLimits decide what is accepted
 DTYPES = ("float32", "float16", "float64", "uint8", "int8", "int32", "int64")
 CLIENT_TYPES = ("submit", "hello", "stats", "query", "trace", "shm_register")
 MAX_TRACE_FRAMES = 5000
@@ -39,6 +43,7 @@ ERROR_CODES = {
     "TOO_LARGE": "payload over the size limit",
     "BAD_DTYPE": "raw tensor dtype not accepted",
     "SHAPE_MISMATCH": "raw tensor shape or size differs from the model input",
+    "SIZE_MISMATCH": "raw pixel payload size differs from what its encoding, width and height need",
     "NO_PREPROCESS": "this service takes raw tensors only",
     "BAD_SHM": "shared-memory region or slot not usable (not registered, wrong size, not over ipc://)",
     "BUSY": "the service is full: the frame was NOT accepted; resend later",
@@ -59,6 +64,12 @@ class Submit:
     want_outputs: bool = False
     shm: int | None = None    # encoding "shm": registered region id and slot
     slot: int | None = None
+    # raw pixel frames (encoding in PIXEL_ENCODINGS, or "shm" with a "pixels" field): what the bytes
+    # are; width/height as declared; color resolved (bt601 by default) for nv12/nv21, None otherwise
+    pixels: str | None = None
+    width: int | None = None
+    height: int | None = None
+    color: str | None = None
 
 
 def _small_int(msg: dict, key: str, hi: int) -> int:
@@ -111,6 +122,12 @@ def parse_submit(msg: dict, n_payload: int) -> Submit:
     dtype = shape = shm = slot = None
     if enc == "shm":
         shm, slot = _small_int(msg, "shm", 1 << 31), _small_int(msg, "slot", 1 << 31)
+    if "pixels" in msg and enc != "shm":
+        raise ProtocolError("BAD_HEADER", f"pixels names what a shared-memory slot holds (encoding shm); "
+                                          f"with encoding {enc} leave it out")
+    if enc in PIXEL_ENCODINGS or "pixels" in msg:
+        return Submit(stream, seq, enc, None, None, bool(msg.get("outputs", False)), shm, slot,
+                      *_pixel_fields(msg, enc if enc in PIXEL_ENCODINGS else msg["pixels"]))
     if enc in ("raw", "shm"):
         dtype = msg.get("dtype")
         if dtype not in DTYPES:
@@ -121,6 +138,48 @@ def parse_submit(msg: dict, n_payload: int) -> Submit:
             raise ProtocolError("SHAPE_MISMATCH", "shape must be a list of 1..8 positive integers")
         shape = tuple(shape)
     return Submit(stream, seq, enc, dtype, shape, bool(msg.get("outputs", False)), shm, slot)
+
+
+def _pixel_fields(msg: dict, pixels: Any) -> tuple[str, int, int, str | None]:
+    """(pixels, width, height, color) of a raw pixel submit, checked for form only: the sizes are
+    checked against the image limits by hetsched.model.pixels.check_pixels."""
+    if pixels not in PIXEL_ENCODINGS:
+        raise ProtocolError("BAD_HEADER", f"pixels must be one of {', '.join(PIXEL_ENCODINGS)}, got {pixels!r}")
+    dims = {}
+    for key in ("width", "height"):
+        v = msg.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_PIXEL_SIDE):
+            raise ProtocolError("BAD_HEADER", f"{key} must be an integer in 0..{MAX_PIXEL_SIDE}, got {v!r}")
+        dims[key] = v
+    width, height = dims["width"], dims["height"]
+    shape, dtype = msg.get("shape"), msg.get("dtype")
+    if pixels in YUV_ENCODINGS:
+        if shape is not None or dtype is not None:
+            raise ProtocolError("BAD_HEADER", f"{pixels} takes width and height, not shape or dtype")
+    else:
+        if dtype is not None and dtype != "uint8":
+            raise ProtocolError("BAD_DTYPE", f"{pixels} pixels are uint8, got dtype {dtype!r}")
+        if shape is not None:
+            if (not isinstance(shape, list) or len(shape) != 3 or shape[2] != 3
+                    or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_PIXEL_SIDE
+                               for d in shape)):
+                raise ProtocolError("SHAPE_MISMATCH", f"{pixels} shape must be [height, width, 3], got {shape!r}")
+            if (height, width) not in ((None, None), tuple(shape[:2])):
+                raise ProtocolError("SHAPE_MISMATCH", f"{pixels} shape {shape} disagrees with width {width} and "
+                                                      f"height {height}")
+            height, width = shape[0], shape[1]
+    if width is None or height is None:
+        need = "width and height" if pixels in YUV_ENCODINGS else "width and height (or shape [height, width, 3])"
+        raise ProtocolError("BAD_HEADER", f"a {pixels} submit needs {need}")
+    color = msg.get("color")
+    if pixels in YUV_ENCODINGS:
+        if color is None:
+            color = DEFAULT_COLOR
+        elif color not in COLORS:
+            raise ProtocolError("BAD_HEADER", f"color must be one of {', '.join(COLORS)}, got {color!r}")
+    elif color is not None:
+        raise ProtocolError("BAD_HEADER", f"color applies to nv12/nv21 only, not {pixels}")
+    return pixels, width, height, color
 
 
 def raw_tensor(sub: Submit, payload: Any, expected: tuple[str, tuple[int, ...]], max_elements: int) -> np.ndarray:
