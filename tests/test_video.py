@@ -228,7 +228,6 @@ def service(tmp_path):
 
 
 @needs_shared
-@pytest.mark.needs_pixel_server
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("pixels", ["rgb24", "nv12"])
 def test_feed_video_gives_the_photos_class_for_every_frame(service, clip, pixels, tmp_path):
@@ -247,7 +246,6 @@ def test_feed_video_gives_the_photos_class_for_every_frame(service, clip, pixels
 
 
 @needs_shared
-@pytest.mark.needs_pixel_server
 @pytest.mark.timeout(300)
 def test_camera_example_streams_two_sources(service, clip):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "camera_example.py"), "--connect", service,

@@ -45,7 +45,7 @@ from hetsched.wire.security import LinkKeys, secure_link_client, secure_link_ser
 
 log = logging.getLogger(__name__)
 
-SRC_RING, SRC_REGION, SRC_BYTES, SRC_TENSORS = "ring", "region", "bytes", "tensors"
+SRC_RING, SRC_REGION, SRC_BYTES, SRC_TENSORS, SRC_PIXELS = "ring", "region", "bytes", "tensors", "pixels"
 
 
 @dataclass
@@ -294,9 +294,13 @@ class Pipeline:
         self._pump()
         return rec.fid
 
-    def submit_region(self, rid: int, slot: int, tag: Any = None, want_outputs: bool = False) -> int:
-        """An input that sits in a client's registered shared-memory region (stage 0 reads it there)."""
-        rec = self.ledger.admit((SRC_REGION, (rid, slot)), time.monotonic(), tag, want_outputs)
+    def submit_region(self, rid: int, slot: int, pixels: tuple | None = None, tag: Any = None,
+                      want_outputs: bool = False) -> int:
+        """An input that sits in a client's registered shared-memory region (stage 0 reads it there):
+        a model input tensor, or raw camera ``pixels`` = (encoding, width, height, color)."""
+        if pixels is not None and self.preprocess is None:
+            raise ProtocolError("NO_PREPROCESS", "this pipeline takes tensors only (no image preprocessing)")
+        rec = self.ledger.admit((SRC_REGION, (rid, slot, pixels)), time.monotonic(), tag, want_outputs)
         self._pump()
         return rec.fid
 
@@ -305,6 +309,14 @@ class Pipeline:
         if self.preprocess is None:
             raise ProtocolError("NO_PREPROCESS", "this pipeline takes tensors only (no image preprocessing)")
         rec = self.ledger.admit((SRC_BYTES, data), time.monotonic(), tag, want_outputs)
+        self._pump()
+        return rec.fid
+
+    def submit_pixels(self, data: Any, pixels: tuple, tag: Any = None, want_outputs: bool = False) -> int:
+        """Raw camera pixels (bytes or a zmq Frame), ``pixels`` = (encoding, width, height, color)."""
+        if self.preprocess is None:
+            raise ProtocolError("NO_PREPROCESS", "this pipeline takes tensors only (no image preprocessing)")
+        rec = self.ledger.admit((SRC_PIXELS, (data, pixels)), time.monotonic(), tag, want_outputs)
         self._pump()
         return rec.fid
 
@@ -334,9 +346,12 @@ class Pipeline:
                 parts = [sp.pack_work(sp.KIND_RING, rec.fid, rec.attempt, rec.slot, rec.t_submit)]
             elif kind == SRC_REGION:
                 parts = [sp.pack_work(sp.KIND_REGION, rec.fid, rec.attempt, rec.slot, rec.t_submit,
-                                      region=payload[0], region_slot=payload[1])]
+                                      region=payload[0], region_slot=payload[1], pixels=payload[2])]
             elif kind == SRC_BYTES:
                 parts = [sp.pack_work(sp.KIND_BYTES, rec.fid, rec.attempt, rec.slot, rec.t_submit), payload]
+            elif kind == SRC_PIXELS:
+                parts = [sp.pack_work(sp.KIND_PIXELS, rec.fid, rec.attempt, rec.slot, rec.t_submit,
+                                      pixels=payload[1]), payload[0]]
             else:
                 parts = [sp.pack_work(sp.KIND_TENSORS, rec.fid, rec.attempt, rec.slot, rec.t_submit), *payload]
         w.feed.send_multipart(parts, copy=False)  # never blocks: credits bound what a worker holds

@@ -211,11 +211,16 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
     from hetsched.wire import stage_protocol as sp
     from hetsched.wire.shm import attach_region
 
-    decode = None
+    decode = convert = None
     if spec.preprocess is not None:
+        from hetsched.model.pixels import payload_size, pixels_to_input
         from hetsched.model.preprocess import ImageLimits, preprocess_encoded
         limits = ImageLimits(**(spec.image_limits or {}))
         decode = lambda data: preprocess_encoded(data, spec.preprocess, limits)  # noqa: E731
+
+        def convert(w, payload):  # raw camera pixels -> the model input
+            return pixels_to_input(w.pixels, payload, width=w.width, height=w.height, color=w.color,
+                                   cfg=spec.preprocess, limits=limits)
     regions: dict[int, object] = {}
     in_dtype, in_shape = (spec.inputs[0][1], spec.inputs[0][2]) if spec.inputs else (None, None)
     topk = spec.topk
@@ -282,10 +287,10 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
             try:
                 t_start = t_recv  # compute starts after decoding (the decoding shows as queueing)
                 if tcp:
-                    if w.kind == sp.KIND_BYTES:
+                    if w.kind in (sp.KIND_BYTES, sp.KIND_PIXELS):
                         if decode is None:
                             raise ProtocolError("BAD_ENCODING", "this stage does not decode images")
-                        arrays = [decode(parts[1].buffer)]
+                        arrays = [decode(parts[1].buffer) if w.kind == sp.KIND_BYTES else convert(w, parts[1].buffer)]
                         t_start = monotonic()
                     else:
                         arrays = _arrays_from_frames(spec, parts[1:])
@@ -301,11 +306,24 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
                         region = regions.get(w.region)
                     if region is None:
                         raise ProtocolError("BAD_SHM", f"shared-memory region {w.region} is not mapped here")
-                    outs = runner.run_external(w.slot, region.view(w.region_slot, in_dtype, in_shape))
+                    if w.pixels is None:
+                        outs = runner.run_external(w.slot, region.view(w.region_slot, in_dtype, in_shape))
+                    elif convert is None:
+                        raise ProtocolError("BAD_ENCODING", "this stage does not take camera pixels")
+                    else:
+                        x = convert(w, region.view(w.region_slot, "uint8", (payload_size(w.pixels, w.width, w.height),)))
+                        t_start = monotonic()
+                        outs = runner.run_external(w.slot, x)
                 elif w.kind == sp.KIND_BYTES:
                     if decode is None:
                         raise ProtocolError("BAD_ENCODING", "this stage does not decode images")
                     x = decode(parts[1].buffer)
+                    t_start = monotonic()
+                    outs = runner.run_external(w.slot, x)
+                elif w.kind == sp.KIND_PIXELS:
+                    if convert is None:
+                        raise ProtocolError("BAD_ENCODING", "this stage does not take camera pixels")
+                    x = convert(w, parts[1].buffer)
                     t_start = monotonic()
                     outs = runner.run_external(w.slot, x)
                 else:

@@ -22,6 +22,7 @@ import zmq
 from hetsched.wire import client_protocol as cp
 from hetsched.runtime.pipeline import FrameResult, Pipeline
 from hetsched.errors import ConfigError, ProtocolError
+from hetsched.model.pixels import PIXEL_ENCODINGS, check_pixels, payload_size
 from hetsched.model.preprocess import ImageLimits, load_labels, sniff_format
 from hetsched.wire.security import SecuritySettings, ServerAuth, check_bind, uses_curve
 
@@ -266,7 +267,25 @@ class Server:
                                          f"(limit {self.limits.max_inflight_per_client})")
         if sub.stream not in client.streams and len(client.streams) >= self.limits.max_streams_per_client:
             raise ProtocolError("LIMIT", f"more than {self.limits.max_streams_per_client} streams for this client")
-        if sub.encoding == "raw":
+        if sub.pixels is not None:  # raw camera pixels: stage 0 converts and preprocesses them
+            if self.pipe.preprocess is None:
+                raise ProtocolError("NO_PREPROCESS", "this service was started for raw tensors only")
+            pix = (sub.pixels, sub.width, sub.height, sub.color)
+            if sub.encoding == "shm":
+                region = client.regions.get(sub.shm)
+                if region is None:
+                    raise ProtocolError("BAD_SHM", f"no shared-memory region {sub.shm} registered on this connection")
+                n = payload_size(sub.pixels, sub.width, sub.height)
+                if n > region.slot_bytes:
+                    raise ProtocolError("BAD_SHM", f"a {sub.width}x{sub.height} {sub.pixels} frame needs {n} bytes, "
+                                                   f"the region's slots hold {region.slot_bytes}")
+                check_pixels(sub.pixels, n, sub.width, sub.height, sub.color, self.image_limits)
+                region.view(sub.slot, "uint8", (n,))  # checks the slot
+                data, kind = (region.global_id, sub.slot, pix), "shm"
+            else:
+                check_pixels(sub.pixels, len(payload.buffer), sub.width, sub.height, sub.color, self.image_limits)
+                data, kind = (payload, pix), "pixels"
+        elif sub.encoding == "raw":
             data = cp.raw_tensor(sub, payload, self._in_expected, self.limits.max_tensor_elements)
             kind = "raw"
         elif sub.encoding == "shm":
@@ -277,7 +296,7 @@ class Server:
                 raise ProtocolError("SHAPE_MISMATCH", f"got {sub.dtype}{list(sub.shape)}, model input is "
                                                       f"{self._in_expected[0]}{list(self._in_expected[1])}")
             region.view(sub.slot, sub.dtype, sub.shape)  # checks the slot and its size
-            data = (region.global_id, sub.slot)
+            data = (region.global_id, sub.slot, None)
             kind = "shm"
         else:
             if self.pipe.preprocess is None:
@@ -296,7 +315,7 @@ class Server:
         self.counters["accepted"] += 1
         self.pending.append(_Job(client, sub.stream, entry, kind, data, sub.want_outputs, time.monotonic()))
         if self._note_submit is not None:
-            self._note_submit(kind == "encoded")
+            self._note_submit(kind == "encoded" or sub.pixels is not None)
 
     def _register_shm(self, client: _Client, msg: dict) -> dict:
         """A local client's shared-memory input region (zero-copy input path, ipc:// only: a tcp peer
@@ -327,6 +346,8 @@ class Server:
                     fid = self.pipe.submit(job.data, want_outputs=job.want_outputs)
                 elif job.kind == "shm":
                     fid = self.pipe.submit_region(*job.data, want_outputs=job.want_outputs)
+                elif job.kind == "pixels":
+                    fid = self.pipe.submit_pixels(*job.data, want_outputs=job.want_outputs)
                 else:
                     fid = self.pipe.submit_encoded(job.data, want_outputs=job.want_outputs)
             except ProtocolError as exc:
@@ -411,7 +432,8 @@ class Server:
     def hello(self) -> dict:
         t = self.pipe.graph.inputs[0]
         return {"type": "hello", "protocol": cp.PROTOCOL_VERSION, "input": t.to_dict(),
-                "accepts": ["raw"] + (["jpeg", "png", "image"] if self.pipe.preprocess is not None else []),
+                "accepts": ["raw"] + (["jpeg", "png", "image", *PIXEL_ENCODINGS] if self.pipe.preprocess is not None
+                                      else []),
                 "limits": {"max_message_bytes": self.limits.max_message_bytes,
                            "max_tensor_elements": self.limits.max_tensor_elements,
                            "max_streams_per_client": self.limits.max_streams_per_client,

@@ -9,10 +9,13 @@ nothing on the data path is JSON.
 Work message, coordinator -> worker (ZeroMQ PUSH -> the worker's PULL)::
 
     frame 0: magic "H2" | kind u8 | flags u8 | attempt u16 | slot u16 | frame_id u64 | t_submit f64
-             | region u32 | region_slot u32
+             | region u32 | region_slot u32 | pixels u8 | color u8 | width u32 | height u32
     kind RING   : the stage's inputs are in the input ring at ``slot``
     kind REGION : stage 0's input is in a client's shared-memory region ``region`` at ``region_slot``
+                  (a model input tensor, or raw camera pixels when ``pixels`` != 0)
     kind BYTES  : frame 1 holds an encoded image (JPEG/PNG) for stage 0 to decode
+    kind PIXELS : frame 1 holds raw camera pixels (``pixels``: 1 rgb24, 2 bgr24, 3 nv12, 4 nv21;
+                  ``color``: 0 none, 1 bt601, 2 bt709, 3 full; ``width`` x ``height``)
     kind TENSORS: frames 1.. hold the input tensors (tcp:// links; described by the stage's spec)
 
 Done message, worker -> coordinator (PUSH -> the coordinator's PULL)::
@@ -40,7 +43,11 @@ import numpy as np
 from hetsched.errors import ProtocolError
 
 MAGIC = b"H2"
-KIND_RING, KIND_REGION, KIND_BYTES, KIND_TENSORS = 1, 2, 3, 4
+KIND_RING, KIND_REGION, KIND_BYTES, KIND_TENSORS, KIND_PIXELS = 1, 2, 3, 4, 5
+PIXEL_CODES = {None: 0, "rgb24": 1, "bgr24": 2, "nv12": 3, "nv21": 4}
+COLOR_CODES = {None: 0, "bt601": 1, "bt709": 2, "full": 3}
+PIXEL_NAMES = {v: k for k, v in PIXEL_CODES.items()}
+COLOR_NAMES = {v: k for k, v in COLOR_CODES.items()}
 KIND_DONE, KIND_FAILED = 16, 17
 FLAG_WANT_OUTPUTS = 1
 
@@ -49,7 +56,7 @@ ERROR_CODES = ("STAGE_FAILED", "BAD_IMAGE", "IMAGE_TOO_SMALL", "IMAGE_TOO_LARGE"
                "BAD_SLOT", "SHAPE_MISMATCH", "BAD_FRAMES", "SIZE_MISMATCH", "BAD_ENCODING")
 _CODE_INDEX = {c: i for i, c in enumerate(ERROR_CODES)}
 
-WORK = struct.Struct("<2sBBHHQdII")
+WORK = struct.Struct("<2sBBHHQdIIBBII")
 DONE = struct.Struct("<2sBBHHHHHQddd")
 TOP = np.dtype([("index", "<u4"), ("score", "<f4")])
 
@@ -64,6 +71,10 @@ class Work:
     t_submit: float
     region: int = 0
     region_slot: int = 0
+    pixels: str | None = None
+    color: str | None = None
+    width: int = 0
+    height: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,17 +93,22 @@ class Done:
 
 
 def pack_work(kind: int, frame_id: int, attempt: int, slot: int, t_submit: float, flags: int = 0,
-              region: int = 0, region_slot: int = 0) -> bytes:
-    return WORK.pack(MAGIC, kind, flags, attempt, slot, frame_id, t_submit, region, region_slot)
+              region: int = 0, region_slot: int = 0, pixels: tuple | None = None) -> bytes:
+    """``pixels``: (encoding, width, height, color) of a raw camera frame."""
+    pix = col = w = h = 0
+    if pixels is not None:
+        pix, col, w, h = PIXEL_CODES[pixels[0]], COLOR_CODES[pixels[3]], pixels[1], pixels[2]
+    return WORK.pack(MAGIC, kind, flags, attempt, slot, frame_id, t_submit, region, region_slot, pix, col, w, h)
 
 
 def unpack_work(buf: Any) -> Work:
     if len(buf) != WORK.size:
         raise ProtocolError("BAD_HEADER", f"work header of {len(buf)} bytes, expected {WORK.size}")
-    magic, kind, flags, attempt, slot, fid, t_submit, region, rslot = WORK.unpack(buf)
-    if magic != MAGIC or kind not in (KIND_RING, KIND_REGION, KIND_BYTES, KIND_TENSORS):
+    magic, kind, flags, attempt, slot, fid, t_submit, region, rslot, pix, col, w, h = WORK.unpack(buf)
+    if magic != MAGIC or kind not in (KIND_RING, KIND_REGION, KIND_BYTES, KIND_TENSORS, KIND_PIXELS) \
+            or pix not in PIXEL_NAMES or col not in COLOR_NAMES or (kind == KIND_PIXELS and not pix):
         raise ProtocolError("BAD_HEADER", f"not a work header (magic {magic!r}, kind {kind})")
-    return Work(kind, flags, attempt, slot, fid, t_submit, region, rslot)
+    return Work(kind, flags, attempt, slot, fid, t_submit, region, rslot, PIXEL_NAMES[pix], COLOR_NAMES[col], w, h)
 
 
 def pack_done(stage: int, worker: int, frame_id: int, attempt: int, slot: int, t_recv: float, t_start: float,
