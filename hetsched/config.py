@@ -11,7 +11,8 @@ Schema (every key optional; see configs/*.yaml for commented examples)::
               replan: {enabled: true, check_s: 2, min_gain: 0.1, threshold: 0.15}}
     profile: {repeats: 30, warmup: 5, cache: true, cache_dir: null, measure: true, refine: 2}
     transport: {kind: ipc, host: 127.0.0.1, hwm: 1}
-    server: {bind: tcp://127.0.0.1:5555, max_inflight: null, max_pending: 64}
+    server: {bind: tcp://127.0.0.1:5555, max_inflight: null, max_pending: 64, metrics_port: null,
+             metrics_host: 127.0.0.1}
     emulation: {period_ms: null}
     input: {size: 224, resize: 256, mean: [...], std: [...], channel_order: RGB, layout: NCHW, labels: null, top_k: 5}
     security: {server_secret_key: null, authorized_clients: null, insecure: false}   # docs/security.md
@@ -85,8 +86,10 @@ class TransportConfig:
 @dataclass(frozen=True)
 class ServerConfig:
     bind: str = DEFAULT_BIND
-    max_inflight: int | None = None  # None: 2 x workers + 1
+    max_inflight: int | None = None  # None: 2 x workers + stages
     max_pending: int = 64
+    metrics_port: int | None = None  # serve Prometheus /metrics on this port (None: off)
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -316,7 +319,8 @@ def parse_config(raw: Any, path: str | None = None) -> Config:
     transport = _section(raw, "transport", TransportConfig, {
         "kind": _choice("ipc", "tcp"), "host": _str, "hwm": _int(1)})
     server = _section(raw, "server", ServerConfig, {
-        "bind": _str, "max_inflight": _opt_int(1), "max_pending": _int(1)})
+        "bind": _str, "max_inflight": _opt_int(1), "max_pending": _int(1), "metrics_port": _opt_int(0),
+        "metrics_host": _str})
     inp = _section(raw, "input", InputConfig, {
         "size": _int(8), "resize": _int(8), "mean": _triple, "std": _triple, "scale": _float(0.0, 1e6),
         "channel_order": _choice("RGB", "BGR"), "layout": _choice("NCHW", "NHWC"),

@@ -66,8 +66,14 @@ def no_leaked_children():
     me = psutil.Process()
 
     def leftovers():
-        return [c for c in me.children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE
-                and "resource_tracker" not in " ".join(c.cmdline())]
+        out = []
+        for c in me.children(recursive=True):
+            try:
+                if c.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(c.cmdline()):
+                    out.append(c)
+            except psutil.Error:  # exited (or became a zombie) meanwhile
+                pass
+        return out
     try:
         wait_for(lambda: not leftovers(), timeout=5.0, what="child processes to exit")
     except AssertionError:

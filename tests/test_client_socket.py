@@ -288,7 +288,7 @@ def test_a_client_that_does_not_read_does_not_stall_another(squeezenet, tmp_path
                     if slow_client is not None:
                         outbox_max = max(outbox_max, len(slow_client.outbox))
             # the fast client is done; the slow one has not read a single reply yet
-            wait_for(lambda: svc.server.counters["completed"] >= 50, timeout=20, what="all 50 frames")
+            wait_for(lambda: svc.server.counters.completed >= 50, timeout=20, what="all 50 frames")
             slow_client = svc.server.clients[b"slow-reader"]
             outbox_max = max(outbox_max, len(slow_client.outbox))
             assert outbox_max > 0, "the slow client's replies never backed up into the server's outbox"
@@ -432,7 +432,7 @@ def test_a_client_disconnecting_mid_stream_does_not_hurt_the_service(service, sq
         for _ in range(10):
             gone.submit(img, stream="g")
         gone.submit(tensor(g), stream="g")
-        wait_for(lambda: service.server.counters["accepted"] >= 11, timeout=10, what="11 accepted frames")
+        wait_for(lambda: service.server.counters.accepted >= 11, timeout=10, what="11 accepted frames")
     # closed with 11 frames accepted and (mostly) unanswered
     with service.client() as other:
         for _ in range(5):
@@ -460,7 +460,7 @@ def test_hello_stats_and_query(service):
         h = c.hello()
         assert h["type"] == "hello" and h["protocol"] == cp.PROTOCOL_VERSION == 1
         assert h["input"] == {"name": "data", "dtype": "float32", "shape": [1, 3, 224, 224]}
-        assert sorted(h["accepts"]) == ["image", "jpeg", "png", "raw"]
+        assert sorted(h["accepts"]) == ["bgr24", "image", "jpeg", "nv12", "nv21", "png", "raw", "rgb24"]
         lim = h["limits"]
         assert lim["max_message_bytes"] == ServerLimits().max_message_bytes
         assert lim["max_encoded_bytes"] == ImageLimits().max_encoded_bytes
@@ -575,7 +575,7 @@ def test_per_client_limits_and_a_raw_only_service(squeezenet, tmp_path):
             c.submit(x, stream="b", seq=0)             # "a" is idle now: a new stream is fine
             check_result(c.recv(20), "b", 0)
             st = c.stats()
-        assert st["busy"] == 2 and st["rejected"] == 1
+        assert st["limit"] == 2 and st["busy"] == 0 and st["rejected"] == 1
         svc.assert_alive()
 
 

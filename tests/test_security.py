@@ -460,7 +460,7 @@ def test_only_authorized_clients_are_served_over_tcp_with_curve(squeezenet, keys
                             client_secret_key_file=alice["secret"], timeout=1.5) as wrong_server:
                     with pytest.raises(HetschedError, match="not this server's"):
                         wrong_server.hello()
-                wait_for(lambda: svc.server.counters["auth_rejected"] >= 6, timeout=10,
+                wait_for(lambda: svc.server.counters.auth_rejected >= 6, timeout=10,
                          what="6 refused handshakes counted")
             finally:
                 for r in rogues.values():

@@ -49,7 +49,7 @@ def test_shm_frames_equal_unsplit_model_and_slots_are_reused(service, squeezenet
             if i >= 2:
                 got.append(c.recv(30))
         got += list(c.replies(expect=20 - len(got)))
-        assert service.counters["completed"] == 20
+        assert service.counters.completed == 20
     assert not os.path.exists(path), "the client's region is removed on close"
     assert [r["seq"] for r in got] == list(range(20))
     for r in got:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -146,9 +147,11 @@ def _serve(args: argparse.Namespace, demo: Callable | None, finish: Callable | N
                        encoded_share=encoded_share(cfg))
         print(plan_report(prep), flush=True)
         bind = args.bind or (cfg.server.bind if demo is None else f"ipc://{_tmp_socket()}")
-        with running_service(prep, bind) as server:
+        with running_service(prep, bind) as server, metrics_exporter(args, cfg, server) as exporter:
             eprint(f"hetsched: serving on {server.endpoint} "
                    f"({len(server.pipe.workers)} workers; coordinator on cores {list(home)}; Ctrl+C to stop)")
+            if exporter is not None:
+                eprint(f"hetsched: Prometheus metrics on {exporter.url}")
             result: dict = {}
             if demo is not None:
                 th = threading.Thread(target=demo, args=(server.endpoint, prep, result, stop), daemon=True)
@@ -166,6 +169,22 @@ def _serve(args: argparse.Namespace, demo: Callable | None, finish: Callable | N
                     return 1
     eprint("hetsched: stopped")
     return 0
+
+
+@contextlib.contextmanager
+def metrics_exporter(args: argparse.Namespace, cfg, server):
+    """/metrics for Prometheus when ``--metrics-port`` or ``server.metrics_port`` asks for it."""
+    port = getattr(args, "metrics_port", None)
+    port = cfg.server.metrics_port if port is None else port
+    if port is None:
+        yield None
+        return
+    from hetsched.observe.prometheus import MetricsExporter
+    exporter = MetricsExporter(server.metrics, host=cfg.server.metrics_host, port=port).start()
+    try:
+        yield exporter
+    finally:
+        exporter.stop()
 
 
 def _tmp_socket() -> str:
@@ -301,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bind", help="client socket address (default: the config's server.bind)")
     sp.add_argument("--labels", help="class label file (one per line)")
     sp.add_argument("--drain-timeout", type=float, default=10.0)
+    sp.add_argument("--metrics-port", type=int, default=None,
+                    help="serve Prometheus /metrics on this port (loopback; server.metrics_host to change)")
     sp.set_defaults(func=cmd_start)
 
     sp = sub.add_parser("demo", help="start the service, stream built-in frames through it, report, stop")

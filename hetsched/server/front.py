@@ -24,6 +24,7 @@ from hetsched.runtime.pipeline import FrameResult, Pipeline
 from hetsched.errors import ConfigError, ProtocolError
 from hetsched.model.pixels import PIXEL_ENCODINGS, check_pixels, payload_size
 from hetsched.model.preprocess import ImageLimits, load_labels, sniff_format
+from hetsched.server.counters import ServiceCounters
 from hetsched.wire.security import SecuritySettings, ServerAuth, check_bind, uses_curve
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,7 @@ class Server:
         self.pending: deque[_Job] = deque()
         self.jobs: dict[int, _Job] = {}
         self.accepting = True
-        self.counters = {"accepted": 0, "completed": 0, "errors": 0, "busy": 0, "rejected": 0,
-                         "auth_rejected": 0}
+        self.counters = ServiceCounters()
         self.t_start = self._last_prune = time.monotonic()
         self.traces: deque = deque(maxlen=cp.MAX_TRACE_FRAMES)  # (frame_id, t_submit, hops, t_done)
         self.stream_progress: OrderedDict[str, int] = OrderedDict()  # stream -> last seq replied
@@ -169,7 +169,7 @@ class Server:
     def step(self, poller: zmq.Poller, timeout_ms: int) -> None:
         events = dict(poller.poll(timeout_ms))
         if self.auth is not None:
-            self.counters["auth_rejected"] = self.auth.rejected
+            self.counters.auth_rejected = self.auth.rejected
         if self.front in events:
             for _ in range(256):  # drain what is queued without raising zmq.Again at the end
                 if not self.front.getsockopt(zmq.EVENTS) & zmq.POLLIN:
@@ -188,7 +188,7 @@ class Server:
             self.step(poller, 20)
         for job in list(self.pending) + list(self.jobs.values()):
             self._finish(job, cp.error_message("TIMEOUT", "not finished before the service stopped",
-                                               job.stream, job.entry.seq))
+                                               job.stream, job.entry.seq), "TIMEOUT")
         self.pending.clear()
         self.jobs.clear()
         end = time.monotonic() + 1.0
@@ -201,7 +201,7 @@ class Server:
             for region in c.regions.values():
                 self._close_region(region)
         if self.auth is not None:
-            self.counters["auth_rejected"] = self.auth.rejected
+            self.counters.auth_rejected = self.auth.rejected
             self.auth.close()  # monitors first (they watch the socket), then the ZAP thread
         if self.front is not None:
             self.front.close(linger=0)
@@ -252,7 +252,7 @@ class Server:
                 sub = cp.parse_submit(msg, len(parts) - 2)
                 self._on_submit(client, sub, parts[2] if len(parts) > 2 else None)
         except ProtocolError as exc:
-            self.counters["rejected" if exc.code not in ("BUSY", "LIMIT") else "busy"] += 1
+            self.counters.on_refused(exc.code)
             self._reply_now(client, cp.error_message(exc.code, exc.detail,
                                                      stream if isinstance(stream, str) else None,
                                                      seq if isinstance(seq, int) else None))
@@ -312,7 +312,7 @@ class Server:
         client.streams.setdefault(sub.stream, deque()).append(entry)
         client.inflight += 1
         client.frames += 1
-        self.counters["accepted"] += 1
+        self.counters.accepted += 1
         self.pending.append(_Job(client, sub.stream, entry, kind, data, sub.want_outputs, time.monotonic()))
         if self._note_submit is not None:
             self._note_submit(kind == "encoded" or sub.pixels is not None)
@@ -351,7 +351,7 @@ class Server:
                 else:
                     fid = self.pipe.submit_encoded(job.data, want_outputs=job.want_outputs)
             except ProtocolError as exc:
-                self._finish(job, cp.error_message(exc.code, exc.detail, job.stream, job.entry.seq))
+                self._finish(job, cp.error_message(exc.code, exc.detail, job.stream, job.entry.seq), exc.code)
                 continue
             self.jobs[fid] = job
 
@@ -360,7 +360,8 @@ class Server:
         if job is None:
             return
         if res.error is not None:
-            self._finish(job, cp.error_message(res.code or "STAGE_FAILED", res.error, job.stream, job.entry.seq))
+            self._finish(job, cp.error_message(res.code or "STAGE_FAILED", res.error, job.stream, job.entry.seq),
+                         res.code or "STAGE_FAILED")
             return
         self.traces.append((res.frame_id, res.t_submit, res.hops, res.t_done))
         top = []
@@ -379,11 +380,14 @@ class Server:
         latency = (res.t_done - job.t_accepted) * 1e3
         reply = cp.result_message(job.stream, job.entry.seq, top, latency, stages,
                                   res.outputs if job.want_outputs else None, self._out_names)
-        self._finish(job, reply, ok=True)
+        self.counters.on_result(res.t_done - job.t_accepted, res.hops, res.t_submit)
+        self._finish(job, reply)
 
-    def _finish(self, job: _Job, reply: list, ok: bool = False) -> None:
+    def _finish(self, job: _Job, reply: list, code: str | None = None) -> None:
+        """Answer ``job`` (``code``: its error code, None for a result)."""
         job.entry.reply = reply
-        self.counters["completed" if ok else "errors"] += 1
+        if code is not None:
+            self.counters.on_error(code)
         client = job.client
         client.inflight -= 1
         q = client.streams.get(job.stream)
@@ -452,7 +456,7 @@ class Server:
     def snapshot(self, samples: int = 2000) -> dict:
         """Service state: plan, per-stage cumulative worker counters and recent compute samples."""
         if self.auth is not None:
-            self.counters["auth_rejected"] = self.auth.rejected
+            self.counters.auth_rejected = self.auth.rejected
         now = time.monotonic()
         uptime = now - self.t_start
         names = self.pipe.plan.layer_names
@@ -477,4 +481,13 @@ class Server:
                 "supervision": {**self.pipe.supervisor.describe(),
                                 "recovery_times_s": [round(t, 3) for t in self.pipe.recovery_times],
                                 "replayed": self.pipe.replayed, "duplicates_dropped": self.pipe.duplicates_dropped},
-                **self.counters}
+                **self.counters.as_dict()}
+
+    def metrics(self) -> dict:
+        """The ``metrics`` section for /metrics (hetsched.observe.prometheus); safe from another thread."""
+        rt = self.pipe
+        describe = rt.describe() if hasattr(rt, "describe") else {}
+        restarts = rt.supervisor.restarts + getattr(rt, "_retired_counts", {}).get("restarts", 0)
+        return {"metrics": self.counters.metrics(
+            worker_restarts=restarts, replays=rt.replayed, replans=describe.get("replans", 0),
+            plan_generation=describe.get("generation", 0), cluster_speed=describe.get("measured_speeds", {}))}
