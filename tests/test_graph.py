@@ -135,10 +135,12 @@ def test_two_tensor_cuts_inside_residual_blocks():
     assert np.abs(got - want).max() <= 1e-5
 
 
-def test_dynamic_shape_is_a_clear_error():
+def test_dynamic_batch_is_fixed_but_dynamic_height_is_a_clear_error():
     m = residual_model(blocks=1)
     m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
-    with pytest.raises(ModelError, match="static shape"):
+    assert analyze(m).inputs[0].shape == (1, 3, 16, 16)
+    m.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    with pytest.raises(ModelError, match=r"input 'input' has dims \['N', 3, 'H', 16\].*model_input.shape"):
         analyze(m)
 
 

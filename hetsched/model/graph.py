@@ -27,7 +27,7 @@ import onnx
 from onnx import numpy_helper
 
 from hetsched.errors import ModelError
-from hetsched.model.shapes import STEP_ONNX, fix_model, input_is_static, resolve_shapes
+from hetsched.model.shapes import STEP_ONNX, STEP_RUN, STEPS, fix_model, input_is_static, resolve_shapes
 from hetsched.model.stages import sub_model
 from hetsched.model.tensors import SOURCE_KEY, TensorInfo, constant_tensors, model_label, node_inputs, real_inputs
 
@@ -150,6 +150,37 @@ def topological_order(nodes: list[onnx.NodeProto], available: set[str]) -> list[
     return order
 
 
+def _constants_late(nodes: list[onnx.NodeProto], constants: set[str]) -> list[onnx.NodeProto]:
+    """The same topological order with each constant-only node moved right before its first
+    reader, so a layer holds the Constant -> Cast chain of its own Pad, not of the next one's."""
+    producer = {o: i for i, nd in enumerate(nodes) for o in nd.output if o}
+    is_const = [all(o in constants for o in nd.output if o) for nd in nodes]
+    placed = [False] * len(nodes)
+    order: list[onnx.NodeProto] = []
+
+    def place(i: int) -> None:
+        stack = [(i, False)]
+        while stack:
+            j, ready = stack.pop()
+            if placed[j]:
+                continue
+            if ready:
+                placed[j] = True
+                order.append(nodes[j])
+                continue
+            stack.append((j, True))
+            stack.extend((producer[t], False) for t in node_inputs(nodes[j])
+                         if t in producer and is_const[producer[t]] and not placed[producer[t]])
+
+    for i in range(len(nodes)):
+        if not is_const[i]:
+            place(i)
+    for i in range(len(nodes)):
+        if not placed[i]:
+            place(i)
+    return order
+
+
 def _node_flops(node: onnx.NodeProto, infos: dict[str, TensorInfo], inits: dict[str, tuple[int, ...]]) -> int:
     out = infos.get(node.output[0]) if node.output else None
     out_elems = int(np.prod(out.shape)) if out else 0
@@ -177,17 +208,17 @@ def _layer_name(nodes: list[onnx.NodeProto], index: int) -> str:
     return f"{nodes[0].op_type.lower()}_{index}"
 
 
-def analyze(model: onnx.ModelProto, max_cut_tensors: int = 1, *, run_for_shapes: bool = True) -> ModelGraph:
+def analyze(model: onnx.ModelProto, max_cut_tensors: int = 1, *, shape_steps: Sequence[str] = STEPS) -> ModelGraph:
     """Find the cut points of ``model`` and return its layers and boundary tensors.
 
     A model whose inputs still have a symbolic batch dim is fixed to batch 1 first (other symbolic
     dims need :func:`load_model`'s ``input_shape``). Shapes come from
-    :func:`hetsched.model.shapes.resolve_shapes`; ``run_for_shapes=False`` skips its last step.
+    :func:`hetsched.model.shapes.resolve_shapes`, trying ``shape_steps`` in order.
     """
     if max_cut_tensors < 1:
         raise ModelError("max_cut_tensors must be >= 1")
     fixed = model if input_is_static(model) else fix_model(model)
-    res = resolve_shapes(fixed, run=run_for_shapes)
+    res = resolve_shapes(fixed, steps=shape_steps)
     infos = res.infos
     graph = fixed.graph
     label = model_label(model)
@@ -197,11 +228,13 @@ def analyze(model: onnx.ModelProto, max_cut_tensors: int = 1, *, run_for_shapes:
     graph_outputs = [o.name for o in graph.output]
     nodes = topological_order(list(graph.node), set(graph_inputs) | init_names)
     constants = constant_tensors(graph, nodes) - set(graph_inputs)
+    nodes = _constants_late(nodes, constants)
     for name in graph_inputs + graph_outputs:
         if name not in infos:
-            raise ModelError(f"{label}: tensor {name!r} has no static shape ({res.describe()}); its size "
-                             "depends on the input data, which hetsched cannot pipeline: export the model "
-                             "with fixed output shapes")
+            why = ("its size depends on the input data, which hetsched cannot pipeline: export the model with "
+                   "fixed output shapes") if STEP_RUN in shape_steps else \
+                f"try the later shape steps ({', '.join(s for s in STEPS if s not in shape_steps)})"
+            raise ModelError(f"{label}: tensor {name!r} has no static shape ({res.describe()}); {why}")
 
     n = len(nodes)
     last_use: dict[str, int] = {}
@@ -227,10 +260,11 @@ def analyze(model: onnx.ModelProto, max_cut_tensors: int = 1, *, run_for_shapes:
         # intermediates (shape arithmetic) would get random values when a stage is profiled alone
         return t in infos and (producer[t] < 0 or np.dtype(infos[t].dtype).kind == "f")
 
+    is_const = [all(o in constants for o in nd.output if o) for nd in nodes]
     cuts = [0]
     for p in range(1, n):
-        if all(o in constants for o in nodes[p].output if o):
-            continue  # Constant nodes and constant-only chains go with whichever stage reads them
+        if is_const[p] or all(is_const[cuts[-1]:p]):
+            continue  # constant nodes go with the stage that reads them; no layer of constants only
         live = live_after(p)
         if not live or len(live) > max_cut_tensors:
             continue
@@ -242,6 +276,8 @@ def analyze(model: onnx.ModelProto, max_cut_tensors: int = 1, *, run_for_shapes:
         if not all(carriable(t) for t in live):
             continue  # a data-dependent shape or an integer tensor: not a usable boundary
         cuts.append(p)
+    if len(cuts) > 1 and all(is_const[cuts[-1]:]):
+        cuts.pop()  # trailing constants (e.g. a constant output) join the last layer
     cuts.append(n)
 
     layers: list[Layer] = []

@@ -232,29 +232,30 @@ def _run_step(model: onnx.ModelProto, names: list[str], inputs: list[TensorInfo]
     return found
 
 
-def resolve_shapes(model: onnx.ModelProto, *, run: bool = True) -> ShapeResolution:
-    """Static shapes of every needed tensor of a model whose inputs are fixed (:func:`fix_model`)."""
+def resolve_shapes(model: onnx.ModelProto, *, steps: Sequence[str] = STEPS) -> ShapeResolution:
+    """Static shapes of every needed tensor of a model whose inputs are fixed (:func:`fix_model`),
+    trying ``steps`` (a subsequence of :data:`STEPS`) in order until none is missing."""
     if not input_is_static(model):
         raise ModelError(f"{model_label(model)}: inputs have symbolic dims; fix them first (fix_model)")
+    unknown_steps = [s for s in steps if s not in STEPS]
+    if unknown_steps or not steps:
+        raise ValueError(f"shape steps must be among {STEPS}, got {list(steps)}")
     needed = needed_tensors(model)
+    inputs = [static_infos(model.graph)[vi.name] for vi in real_inputs(model.graph)]
     infos: dict[str, TensorInfo] = {}
     counts: list[tuple[str, int]] = []
-    source = STEP_ONNX
     missing = needed
-    steps = [(STEP_ONNX, _onnx_step), (STEP_SYMBOLIC, _symbolic_step), (STEP_FOLDING, _folding_step)]
-    if run:
-        inputs = [static_infos(model.graph)[vi.name] for vi in real_inputs(model.graph)]
-        steps.append((STEP_RUN, lambda m: _run_step(m, missing, inputs)))
-    for step, fn in steps:
+    funcs = {STEP_ONNX: _onnx_step, STEP_SYMBOLIC: _symbolic_step, STEP_FOLDING: _folding_step,
+             STEP_RUN: lambda m: _run_step(m, missing, inputs)}
+    for step in [s for s in STEPS if s in steps]:
         if counts and not missing:
             break
-        found = fn(model)
+        found = funcs[step](model)
         # the first step's answers are all kept (weights' shapes help FLOP counts); later steps
         # only fill what is still missing
-        infos.update(found if step == STEP_ONNX else {n: found[n] for n in missing if n in found})
-        source = step
+        infos.update(found if not counts else {n: found[n] for n in missing if n in found})
         missing = [n for n in needed if n not in infos]
         counts.append((step, len(missing)))
         log.debug("%s: %s left %d of %d tensors without a static shape", model_label(model), step,
                   len(missing), len(needed))
-    return ShapeResolution(infos, source, tuple(missing), tuple(counts), len(needed))
+    return ShapeResolution(infos, counts[-1][0], tuple(missing), tuple(counts), len(needed))
