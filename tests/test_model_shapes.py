@@ -109,7 +109,7 @@ def test_tf2onnx_pad_from_constant_cast_chain_gets_cut_points():
     assert res.counts[0][0] == shapes.STEP_ONNX and res.counts[0][1] > 20  # onnx alone: almost nothing
     assert not res.unknown and res.source != shapes.STEP_ONNX
     g = analyze(m)
-    assert g.shape_source == res.source and "all resolved" in g.shape_detail
+    assert g.shape_source == res.source and "all static" in g.shape_detail
     pads = [layer.index for layer in g.layers if "Pad" in layer.op_types]
     assert len(g.layers) >= 6 and len(set(pads)) >= 4
     # the Constant -> Cast chain never crosses a cut: every boundary carries one float activation

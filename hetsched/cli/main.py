@@ -141,7 +141,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             g = prep.graph
             print(f"\nmodel inputs {', '.join(f'{t.name} {list(t.shape)} {t.dtype}' for t in g.inputs)}; "
                   f"outputs {', '.join(f'{t.name} {list(t.shape)}' for t in g.outputs)}")
-            print(f"shapes resolved by {g.shape_source}: {g.shape_detail}")
+            print(g.shape_detail or f"shapes resolved by {g.shape_source}")
             print("\n".join(layer_table(g)))
     return 0
 

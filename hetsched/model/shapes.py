@@ -141,9 +141,12 @@ class ShapeResolution:
     needed: int                             # how many tensors needed a shape
 
     def describe(self) -> str:
-        tried = ", ".join(f"{step}: {left} unknown" for step, left in self.counts)
-        status = f"{len(self.unknown)} tensors stay dynamic" if self.unknown else "all resolved"
-        return f"shapes of {self.needed} tensors by {self.source} ({status}; after {tried})"
+        """e.g. ``shapes resolved by onnxruntime run: 240 tensors, all static (onnx shape inference
+        left 5 unknown, onnxruntime symbolic shape inference 5, onnxruntime constant folding 2)``"""
+        steps = ", ".join(f"{step} {'left ' if i == 0 else ''}{left}{' unknown' if i == 0 else ''}"
+                          for i, (step, left) in enumerate(self.counts[:-1]))
+        status = f"{len(self.unknown)} stay dynamic" if self.unknown else "all static"
+        return f"shapes resolved by {self.source}: {self.needed} tensors, {status}" + (f" ({steps})" if steps else "")
 
 
 def needed_tensors(model: onnx.ModelProto) -> list[str]:
