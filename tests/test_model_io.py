@@ -14,7 +14,8 @@ from hetsched.config import InputConfig, parse_config
 from hetsched.errors import ConfigError, ModelError
 from hetsched.model.graph import TensorInfo, analyze
 from hetsched.model.outputs import output_is_probability, topk_output_index
-from hetsched.model.preprocess import model_input_shape, preprocess_array, resolve_input_config, top_k
+from hetsched.model.inputs import resolve_input_config
+from hetsched.model.preprocess import model_input_shape, preprocess_array, top_k
 from tests import model_builders as mb
 from tests.stage_checks import run
 

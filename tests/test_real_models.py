@@ -17,7 +17,8 @@ import pytest
 from hetsched.config import InputConfig
 from hetsched.model.graph import analyze, load_model, random_inputs
 from hetsched.model.outputs import output_is_probability, topk_output_index
-from hetsched.model.preprocess import preprocess_array, resolve_input_config, top_k
+from hetsched.model.inputs import resolve_input_config
+from hetsched.model.preprocess import preprocess_array, top_k
 from hetsched.model.shapes import STEPS
 from tests.conftest import ROOT, SHARED_IMAGES
 from tests.stage_checks import assert_split_equal, chain_outputs, max_diff, run

@@ -8,10 +8,17 @@ exactly those tensors. Between SqueezeNet's fire modules the live set is one ten
 fire module (the squeeze output feeds two expands) it is two; across a residual block the skip
 tensor stays live until its Add, so no single-tensor cut falls inside the block.
 
-Constants (``Constant`` nodes and initializers) are never live: every stage gets its own copy.
+Constants (initializers, ``Constant`` nodes and anything computed from constants alone, such as
+tf2onnx's ``Constant -> Cast`` pads) are never live: every stage that reads one gets its own copy,
+and each constant node is placed in the layer of its first reader. A boundary carries floating-point
+activations only (integer shape arithmetic would get random values when a layer is profiled alone).
 A cut is also not offered just before an elementwise op that consumes only the previous node's
 output (Conv | Relu): onnxruntime fuses such pairs and splitting them costs a transfer for nothing.
 The nodes between consecutive cut points form one *layer*, the unit the planner assigns.
+
+Models as exported have symbolic dims and shapes static inference cannot see: :func:`load_model`
+fixes the input dims and :func:`analyze` resolves every shape (:mod:`hetsched.model.shapes`);
+sub-models for stages come from :mod:`hetsched.model.stages`.
 """
 
 from __future__ import annotations

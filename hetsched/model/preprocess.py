@@ -28,8 +28,8 @@ output is bit-identical to that tool's. It differs from torchvision in two round
 Then ``x * scale`` (computed as ``x / (1 / scale)`` in float32 to match the tool's ``x / 255.0``),
 ``(x - mean) / std`` with ``mean``/``std`` in RGB order, ``channel_order: BGR`` reverses the
 channel axis, ``layout`` picks NCHW or NHWC (``auto``, the default, is decided from the model by
-:func:`resolve_input_config`: NHWC when the model input is [1, H, W, 3], else NCHW; unresolved it
-means NCHW). ``dtype: uint8`` (for models that take raw pixels) skips scale, mean and std and
+:func:`hetsched.model.inputs.resolve_input_config`: NHWC when the model input is [1, H, W, 3],
+else NCHW; unresolved it means NCHW). ``dtype: uint8`` (for models that take raw pixels) skips scale, mean and std and
 returns the resized, cropped uint8 pixels; ``float16`` casts the float32 result.
 
 For normal aspect ratios the resized image is made whole and cropped. For extreme ones (an
@@ -41,7 +41,6 @@ differently for a box).
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import math
@@ -54,12 +53,14 @@ from PIL import Image, ImageFile
 
 from hetsched.config import InputConfig
 from hetsched.errors import ConfigError, ProtocolError
+from hetsched.model.inputs import PREPROCESS_DTYPES, model_input_layout, resolve_input_config  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "ImageLimits", "sniff_format", "decode_image", "preprocess_array", "preprocess_encoded",
-    "model_input_shape", "model_input_layout", "resolve_input_config", "load_labels", "softmax", "looks_like_probabilities", "top_k",
+    "model_input_shape", "model_input_layout", "resolve_input_config", "load_labels", "softmax",
+    "looks_like_probabilities", "top_k",
 ]
 
 
@@ -295,7 +296,7 @@ def decode_image(data: bytes | memoryview, limits: ImageLimits = ImageLimits()) 
     return rgb
 
 
-_DTYPES = ("float32", "float16", "uint8")
+_DTYPES = PREPROCESS_DTYPES
 
 
 def _check_cfg(cfg: InputConfig) -> None:
@@ -313,48 +314,9 @@ def _check_cfg(cfg: InputConfig) -> None:
 
 def model_input_shape(cfg: InputConfig) -> tuple[int, ...]:
     """Shape of the tensor :func:`preprocess_array` returns for ``cfg`` (``layout: auto`` not yet
-    resolved by :func:`resolve_input_config` means NCHW)."""
+    resolved by :func:`~hetsched.model.inputs.resolve_input_config` means NCHW)."""
     _check_cfg(cfg)
     return (1, cfg.size, cfg.size, 3) if cfg.layout == "NHWC" else (1, 3, cfg.size, cfg.size)
-
-
-def model_input_layout(shape: Sequence[int]) -> str | None:
-    """NHWC for a [1, H, W, 3] input, NCHW for [1, 3, H, W] (also when both fit), None otherwise."""
-    if len(shape) != 4:
-        return None
-    if shape[1] == 3:
-        return "NCHW"
-    return "NHWC" if shape[3] == 3 else None
-
-
-def resolve_input_config(cfg: InputConfig, model_input: Any) -> InputConfig:
-    """``cfg`` with ``layout: auto`` and ``dtype: auto`` decided from the model input (a TensorInfo:
-    ``.name``, ``.shape``, ``.dtype``) and checked against it: NHWC when the input is [1, H, W, 3]
-    and the config does not say otherwise, the input's dtype. Raises ConfigError naming the key when
-    the config and the model disagree (e.g. ``input.size`` is not the model's H = W)."""
-    _check_cfg(cfg)
-    shape, name = tuple(model_input.shape), model_input.name
-    found = model_input_layout(shape)
-    if found is None:
-        raise ConfigError(f"input: model input {name!r} is {list(shape)}, not an image tensor [1, 3, H, W] or "
-                          "[1, H, W, 3]; send tensors instead of images for this model")
-    layout = found if cfg.layout == "auto" else cfg.layout
-    h, w = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])
-    if (shape[1] if layout == "NCHW" else shape[3]) != 3:
-        raise ConfigError(f"input.layout: {layout} does not fit model input {name!r} {list(shape)} "
-                          f"(which looks {found}); set input.layout: {found} or leave it auto")
-    if h != w:
-        raise ConfigError(f"input.size: model input {name!r} is {list(shape)} ({h} x {w}); preprocessing makes "
-                          "square crops, so send tensors instead of images for this model")
-    if cfg.size != h:
-        raise ConfigError(f"input.size: {cfg.size} but model input {name!r} is {list(shape)}; set input.size: {h} "
-                          f"(and input.resize, e.g. {round(h * 256 / 224)})")
-    want = str(model_input.dtype)
-    dtype = want if cfg.dtype == "auto" else cfg.dtype
-    if dtype not in _DTYPES or dtype != want:
-        raise ConfigError(f"input.dtype: model input {name!r} is {want}; preprocessing makes "
-                          f"{', '.join(_DTYPES)}" + ("" if cfg.dtype == "auto" else f", and the config says {dtype}"))
-    return dataclasses.replace(cfg, layout=layout, dtype=dtype)
 
 
 def _resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
