@@ -153,3 +153,17 @@ def test_load_model_errors(tmp_path):
         load_model(str(bad))
     with pytest.raises(ModelError, match="unknown built-in"):
         load_model("builtin:resnet9000")
+
+
+def test_loaded_file_keeps_its_hash_and_names_its_source(tmp_path):
+    """load_model records the file in metadata (for messages) without changing the model's hash,
+    so cost-cache keys of models that need no fixing stay what they were."""
+    from hetsched.model.graph import model_hash
+    from hetsched.model.tensors import model_label
+    path = tmp_path / "res.onnx"
+    onnx.save(residual_model(blocks=1), str(path))
+    loaded = load_model(str(path))
+    assert model_label(loaded) == str(path)
+    assert model_hash(loaded) == model_hash(onnx.load(str(path)))
+    assert model_label(loaded) == str(path)  # hashing leaves the metadata in place
+    assert analyze(loaded).model_hash == model_hash(onnx.load(str(path)))
