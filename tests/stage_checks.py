@@ -12,7 +12,8 @@ from hetsched.model.graph import extract_stage, passthrough_names, random_inputs
 def run(model, feed: dict) -> dict:
     sess = create_session(model, 1)
     names = {i.name for i in sess.get_inputs()}
-    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {k: v for k, v in feed.items() if k in names})))
+    outs = sess.run(None, {k: v for k, v in feed.items() if k in names})
+    return dict(zip([o.name for o in sess.get_outputs()], outs))
 
 
 def chain_outputs(model, g, cuts, feed, check: bool = True) -> dict:

@@ -99,7 +99,8 @@ def test_dynamic_dims_are_fixed_as_each_exporter_writes_them():
         model, g = real(key)
         assert g.inputs[0].shape == dims
         raw = onnx.load(str(fetch_test_models.model_path(key)), load_external_data=False)
-        assert not all(d.HasField("dim_value") and d.dim_value > 0 for d in raw.graph.input[0].type.tensor_type.shape.dim)
+        dims = raw.graph.input[0].type.tensor_type.shape.dim
+        assert not all(d.HasField("dim_value") and d.dim_value > 0 for d in dims)
 
 
 def test_symbolic_height_width_of_a_real_model_need_the_input_shape():

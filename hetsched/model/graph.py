@@ -106,7 +106,7 @@ def load_model(source: str | None, input_shape: Sequence[int] | None = None) -> 
     try:
         model = onnx.load(source)
     except Exception as exc:  # onnx raises DecodeError and friends
-        raise ModelError(f"cannot read ONNX model {source}: {exc}") from exc
+        raise ModelError(f"cannot read ONNX model {source}: {exc} (is it a complete .onnx file?)") from exc
     _set_source(model, source)
     return fix_model(model, input_shape)
 
@@ -136,7 +136,8 @@ def model_hash(model: onnx.ModelProto) -> str:
             model.metadata_props.add(key=k, value=v)
 
 
-def topological_order(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+def topological_order(nodes: list[onnx.NodeProto], available: set[str],
+                      label: str = "the model") -> list[onnx.NodeProto]:
     produced = set(available)
     remaining = list(nodes)
     order: list[onnx.NodeProto] = []
@@ -152,7 +153,8 @@ def topological_order(nodes: list[onnx.NodeProto], available: set[str]) -> list[
                 rest.append(node)
         if not progressed:
             missing = sorted({i for n in rest for i in node_inputs(n) if i not in produced})
-            raise ModelError(f"graph is not a DAG or has undefined inputs: {missing[:5]}")
+            raise ModelError(f"{label}: the graph has a cycle or reads undefined tensors {missing[:5]}; "
+                             "check it with onnx.checker.check_model and re-export it")
         remaining = rest
     return order
 
@@ -233,7 +235,7 @@ def analyze(model: onnx.ModelProto, max_cut_tensors: int = 1, *, shape_steps: Se
     init_shapes = {t.name: tuple(t.dims) for t in graph.initializer}
     graph_inputs = [vi.name for vi in real_inputs(graph)]
     graph_outputs = [o.name for o in graph.output]
-    nodes = topological_order(list(graph.node), set(graph_inputs) | init_names)
+    nodes = topological_order(list(graph.node), set(graph_inputs) | init_names, label)
     constants = constant_tensors(graph, nodes) - set(graph_inputs)
     nodes = _constants_late(nodes, constants)
     for name in graph_inputs + graph_outputs:

@@ -103,7 +103,8 @@ def fix_model(model: onnx.ModelProto, input_shape: Sequence[int] | None = None) 
     dim. Returns ``model`` itself when it is already static and no shape is given."""
     inputs = real_inputs(model.graph)
     if not inputs:
-        raise ModelError(f"{model_label(model)}: the model has no inputs that are not initializers")
+        raise ModelError(f"{model_label(model)}: every graph input is an initializer, so there is nothing to feed; "
+                         "export the model with its image input as a graph input")
     if input_shape is not None and any(int(x) < 1 for x in input_shape):
         raise ModelError(f"{model_label(model)}: {INPUT_SHAPE_KEY} must be positive integers, got {list(input_shape)}")
     if input_shape is None and input_is_static(model):
@@ -225,7 +226,8 @@ def _run_step(model: onnx.ModelProto, names: list[str], inputs: list[TensorInfo]
         runs = [dict(zip(outs, sess.run(None, random_inputs(inputs, seed=s)))) for s in (0, 1)]
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"{model_label(model)}: the shapes of {len(names)} tensors (e.g. {names[0]!r}) are not "
-                         f"known statically and a run of the model in onnxruntime failed: {exc}") from exc
+                         f"known statically and a run of the model in onnxruntime failed: {exc}; check that "
+                         f"{INPUT_SHAPE_KEY} is a shape the model accepts") from exc
     found = {}
     for n in names:
         a, b = runs[0].get(n), runs[1].get(n)

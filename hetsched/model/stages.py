@@ -17,10 +17,11 @@ from hetsched.model.tensors import TensorInfo, model_label, node_inputs
 from hetsched.wire.dtypes import NUMPY_TO_ONNX
 
 
-def _value_info(t: TensorInfo) -> onnx.ValueInfoProto:
+def _value_info(t: TensorInfo, label: str) -> onnx.ValueInfoProto:
     code = NUMPY_TO_ONNX.get(t.dtype)
     if code is None:
-        raise ModelError(f"tensor {t.name!r} has dtype {t.dtype}, which hetsched cannot carry between stages")
+        raise ModelError(f"{label}: tensor {t.name!r} has dtype {t.dtype}, which hetsched cannot carry between "
+                         "stages; choose cut points where it does not cross")
     return helper.make_tensor_value_info(t.name, code, list(t.shape))
 
 
@@ -56,8 +57,10 @@ def sub_model(model: onnx.ModelProto, inputs: list[TensorInfo], outputs: list[Te
             raise ModelError(f"{model_label(model)}: stage {name} needs tensor {tname!r}, which is neither "
                              f"computed in the stage nor one of its inputs {sorted(stop)}; choose other cut points")
     from hetsched.model.graph import topological_order
-    nodes = topological_order([graph.node[i] for i in sorted(keep)], stop | used_inits)
-    g = helper.make_graph(nodes, name, [_value_info(t) for t in inputs], [_value_info(t) for t in outputs],
+    nodes = topological_order([graph.node[i] for i in sorted(keep)], stop | used_inits, model_label(model))
+    label = model_label(model)
+    g = helper.make_graph(nodes, name, [_value_info(t, label) for t in inputs],
+                          [_value_info(t, label) for t in outputs],
                           initializer=[inits[n] for n in sorted(used_inits) if n in inits],
                           sparse_initializer=[sparse[n] for n in sorted(used_inits) if n in sparse])
     if model.ir_version < 4:  # initializers must also be listed as inputs before IR 4
