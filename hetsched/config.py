@@ -14,7 +14,11 @@ Schema (every key optional; see configs/*.yaml for commented examples)::
     server: {bind: tcp://127.0.0.1:5555, max_inflight: null, max_pending: 64, metrics_port: null,
              metrics_host: 127.0.0.1}
     emulation: {period_ms: null}
-    input: {size: 224, resize: 256, mean: [...], std: [...], channel_order: RGB, layout: NCHW, labels: null, top_k: 5}
+    input: {size: 224, resize: 256, mean: [...], std: [...], channel_order: RGB, layout: auto, dtype: auto,
+            labels: null, top_k: 5}      # layout auto: NHWC when the model input is [1, H, W, 3], else NCHW;
+                                          # dtype auto: the model input's (float32, float16 or uint8)
+    model_input: {shape: null}        # e.g. [1, 3, 320, 320]: fixes the model input's symbolic dims
+    model_output: {top_k_from: null}  # the output to take top-k from (default: first [1, C] output)
     security: {server_secret_key: null, authorized_clients: null, insecure: false}   # docs/security.md
     limits: {max_message_bytes: 33554432, max_tensor_elements: 16777216, max_streams_per_client: 64,
              max_inflight_per_client: 256, max_encoded_bytes: 16777216, max_pixels: 40000000,
@@ -100,9 +104,20 @@ class InputConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     scale: float = 1.0 / 255.0
     channel_order: str = "RGB"
-    layout: str = "NCHW"
+    layout: str = "auto"  # NCHW | NHWC | auto (see hetsched.model.preprocess.resolve_input_config)
     labels: str | None = None
     top_k: int = 5
+    dtype: str = "auto"  # float32 | float16 | uint8 | auto (the model input's); uint8: no normalisation
+
+
+@dataclass(frozen=True)
+class ModelInputConfig:
+    shape: tuple[int, ...] | None = None  # concrete dims for the model's (first) input, batch included
+
+
+@dataclass(frozen=True)
+class ModelOutputConfig:
+    top_k_from: str | None = None  # output name; None: the first vector-shaped output
 
 
 @dataclass(frozen=True)
@@ -145,6 +160,8 @@ class Config:
     transport: TransportConfig = field(default_factory=TransportConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     input: InputConfig = field(default_factory=InputConfig)
+    model_input: ModelInputConfig = field(default_factory=ModelInputConfig)
+    model_output: ModelOutputConfig = field(default_factory=ModelOutputConfig)
     emulation_period_ms: float | None = None
     security: SecurityConfig = field(default_factory=SecurityConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -244,6 +261,15 @@ def _cuts(v: Any, key: str) -> tuple[int, ...] | None:
     return tuple(_int(1)(x, f"{key}[{i}]") for i, x in enumerate(v))
 
 
+def _shape(v: Any, key: str) -> tuple[int, ...] | None:
+    if v is None:
+        return None
+    _expect(v, list, key, "a list of positive integers (the input shape, batch first)")
+    if not v:
+        raise ConfigError(f"{key}: empty (give every dim, batch first, e.g. [1, 3, 224, 224])")
+    return tuple(_int(1)(x, f"{key}[{i}]") for i, x in enumerate(v))
+
+
 def _clusters(raw: Any, key: str) -> tuple[ClusterConfig, ...] | None:
     if raw is None or raw == "auto":
         return None
@@ -284,7 +310,7 @@ def parse_config(raw: Any, path: str | None = None) -> Config:
         raw = {}
     _expect(raw, dict, "<top level>", "a mapping")
     known = {"model", "clusters", "emulate_big_little", "planner", "profile", "transport", "server", "input", "emulation",
-             "security", "limits"}
+             "security", "limits", "model_input", "model_output"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
@@ -323,8 +349,10 @@ def parse_config(raw: Any, path: str | None = None) -> Config:
         "metrics_host": _str})
     inp = _section(raw, "input", InputConfig, {
         "size": _int(8), "resize": _int(8), "mean": _triple, "std": _triple, "scale": _float(0.0, 1e6),
-        "channel_order": _choice("RGB", "BGR"), "layout": _choice("NCHW", "NHWC"),
-        "labels": _opt_str, "top_k": _int(1)})
+        "channel_order": _choice("RGB", "BGR"), "layout": _choice("NCHW", "NHWC", "auto"),
+        "labels": _opt_str, "top_k": _int(1), "dtype": _choice("float32", "float16", "uint8", "auto")})
+    model_input = _section(raw, "model_input", ModelInputConfig, {"shape": _shape})
+    model_output = _section(raw, "model_output", ModelOutputConfig, {"top_k_from": _opt_str})
     if inp.labels and path and not os.path.isabs(inp.labels):
         inp = dataclasses.replace(inp, labels=os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), inp.labels)))
     emu = raw.get("emulation") or {}
@@ -338,7 +366,8 @@ def parse_config(raw: Any, path: str | None = None) -> Config:
         "max_streams_per_client": _opt_int(1), "max_inflight_per_client": _opt_int(1),
         "max_encoded_bytes": _opt_int(1024), "max_pixels": _opt_int(64), "max_side": _opt_int(8)})
     return Config(model=model, clusters=clusters, little_speed=little, planner=planner, profile=profile,
-                  transport=transport, server=server, input=inp, emulation_period_ms=period,
+                  transport=transport, server=server, input=inp, model_input=model_input,
+                  model_output=model_output, emulation_period_ms=period,
                   security=security, limits=limits, path=path)
 
 

@@ -135,10 +135,12 @@ def test_two_tensor_cuts_inside_residual_blocks():
     assert np.abs(got - want).max() <= 1e-5
 
 
-def test_dynamic_shape_is_a_clear_error():
+def test_dynamic_batch_is_fixed_but_dynamic_height_is_a_clear_error():
     m = residual_model(blocks=1)
     m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
-    with pytest.raises(ModelError, match="static shape"):
+    assert analyze(m).inputs[0].shape == (1, 3, 16, 16)
+    m.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    with pytest.raises(ModelError, match=r"input 'input' has dims \['N', 3, 'H', 16\].*model_input.shape"):
         analyze(m)
 
 
@@ -151,3 +153,17 @@ def test_load_model_errors(tmp_path):
         load_model(str(bad))
     with pytest.raises(ModelError, match="unknown built-in"):
         load_model("builtin:resnet9000")
+
+
+def test_loaded_file_keeps_its_hash_and_names_its_source(tmp_path):
+    """load_model records the file in metadata (for messages) without changing the model's hash,
+    so cost-cache keys of models that need no fixing stay what they were."""
+    from hetsched.model.graph import model_hash
+    from hetsched.model.tensors import model_label
+    path = tmp_path / "res.onnx"
+    onnx.save(residual_model(blocks=1), str(path))
+    loaded = load_model(str(path))
+    assert model_label(loaded) == str(path)
+    assert model_hash(loaded) == model_hash(onnx.load(str(path)))
+    assert model_label(loaded) == str(path)  # hashing leaves the metadata in place
+    assert analyze(loaded).model_hash == model_hash(onnx.load(str(path)))

@@ -61,7 +61,23 @@ def load_cfg(args: argparse.Namespace):
     if getattr(args, "labels", None):
         import dataclasses
         cfg = cfg.with_overrides(input=dataclasses.replace(cfg.input, labels=os.path.abspath(args.labels)))
+    if getattr(args, "input_shape", None):
+        from hetsched.config import ModelInputConfig
+        cfg = cfg.with_overrides(model_input=ModelInputConfig(parse_shape(args.input_shape)))
     return cfg
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``1,3,224,224`` or ``1x3x224x224`` -> (1, 3, 224, 224); ConfigError naming --input-shape."""
+    from hetsched.errors import ConfigError
+    parts = text.replace("x", ",").replace(" ", "").strip("[]()").split(",")
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        dims = ()
+    if not dims or any(d < 1 for d in dims):
+        raise ConfigError(f"--input-shape: expected positive integers like 1,3,224,224, got {text!r}")
+    return dims
 
 
 def _progress(quiet: bool) -> Callable[[str], None]:
@@ -117,12 +133,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
         out["limit_fps"] = prep.limit_fps()
         out["layers"] = [{"index": l.index, "name": l.name, "flops": l.flops, "params": l.params}
                          for l in prep.graph.layers]
+        out["shape_source"] = prep.graph.shape_source
+        out["input_shape"] = [list(t.shape) for t in prep.graph.inputs]
         print(json.dumps(out, indent=2))
     else:
         print(plan_report(prep))
         if args.layers:
             from hetsched.model.graph import layer_table
-            print("\n" + "\n".join(layer_table(prep.graph)))
+            g = prep.graph
+            print(f"\nmodel inputs {', '.join(f'{t.name} {list(t.shape)} {t.dtype}' for t in g.inputs)}; "
+                  f"outputs {', '.join(f'{t.name} {list(t.shape)}' for t in g.outputs)}")
+            print(g.shape_detail or f"shapes resolved by {g.shape_source}")
+            print("\n".join(layer_table(g)))
     return 0
 
 
@@ -311,7 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("plan", help="profile the model on each cluster and show the stage plan")
     common(sp)
     sp.add_argument("--json", action="store_true")
-    sp.add_argument("--layers", action="store_true", help="also list the layers between cut points")
+    sp.add_argument("--layers", action="store_true",
+                    help="also list the layers between cut points and how the tensor shapes were found")
+    sp.add_argument("--input-shape", metavar="DIMS",
+                    help="model input shape, e.g. 1,3,320,320: fixes symbolic dims (overrides model_input.shape)")
     sp.add_argument("--preprocess", action="store_true", help="plan for JPEG/PNG traffic (decoding in stage 0)")
     sp.set_defaults(func=cmd_plan)
 

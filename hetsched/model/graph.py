@@ -8,25 +8,37 @@ exactly those tensors. Between SqueezeNet's fire modules the live set is one ten
 fire module (the squeeze output feeds two expands) it is two; across a residual block the skip
 tensor stays live until its Add, so no single-tensor cut falls inside the block.
 
-Constants (``Constant`` nodes and initializers) are never live: every stage gets its own copy.
+Constants (initializers, ``Constant`` nodes and anything computed from constants alone, such as
+tf2onnx's ``Constant -> Cast`` pads) are never live: every stage that reads one gets its own copy,
+and each constant node is placed in the layer of its first reader. A boundary carries floating-point
+activations only (integer shape arithmetic would get random values when a layer is profiled alone).
 A cut is also not offered just before an elementwise op that consumes only the previous node's
 output (Conv | Relu): onnxruntime fuses such pairs and splitting them costs a transfer for nothing.
 The nodes between consecutive cut points form one *layer*, the unit the planner assigns.
+
+Models as exported have symbolic dims and shapes static inference cannot see: :func:`load_model`
+fixes the input dims and :func:`analyze` resolves every shape (:mod:`hetsched.model.shapes`);
+sub-models for stages come from :mod:`hetsched.model.stages`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import onnx
-from onnx import numpy_helper, shape_inference
+from onnx import numpy_helper
 
 from hetsched.errors import ModelError
-from hetsched.wire.dtypes import ONNX_TO_NUMPY
+from hetsched.model.shapes import STEP_ONNX, STEP_RUN, STEPS, fix_model, input_is_static, resolve_shapes
+from hetsched.model.stages import sub_model
+from hetsched.model.tensors import SOURCE_KEY, TensorInfo, constant_tensors, model_label, node_inputs, real_inputs
+
+log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_SQUEEZENET = "builtin:squeezenet1.1"
@@ -37,24 +49,8 @@ FUSABLE_FOLLOWERS = frozenset({
     "BatchNormalization", "PRelu", "Softplus", "Mish", "Gelu",
 })
 
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    dtype: str  # numpy dtype name
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TensorInfo":
-        return cls(d["name"], d["dtype"], tuple(int(x) for x in d["shape"]))
+__all__ = ["TensorInfo", "Layer", "ModelGraph", "load_model", "model_hash", "analyze", "extract_stage",
+           "passthrough_names", "layer_table", "random_inputs", "initializer_array", "topological_order"]
 
 
 @dataclass(frozen=True)
@@ -70,12 +66,15 @@ class Layer:
 @dataclass(frozen=True)
 class ModelGraph:
     """A model cut into layers. ``boundaries[b]`` are the tensors crossing boundary b
-    (b=0: model inputs, b=len(layers): model outputs)."""
+    (b=0: model inputs, b=len(layers): model outputs). ``shape_source`` is the step that resolved
+    the tensors' shapes (one of ``hetsched.model.shapes.STEPS``), ``shape_detail`` says more."""
 
     layers: tuple[Layer, ...]
     boundaries: tuple[tuple[TensorInfo, ...], ...]
     model_hash: str
     name: str
+    shape_source: str = STEP_ONNX
+    shape_detail: str = ""
 
     @property
     def inputs(self) -> tuple[TensorInfo, ...]:
@@ -93,11 +92,13 @@ class ModelGraph:
         return tuple(sum(t.nbytes for t in b) for b in self.boundaries)
 
 
-def load_model(source: str | None) -> onnx.ModelProto:
-    """Load ``builtin:squeezenet1.1`` (also the default for None) or an ONNX file path."""
+def load_model(source: str | None, input_shape: Sequence[int] | None = None) -> onnx.ModelProto:
+    """Load ``builtin:squeezenet1.1`` (also the default for None) or an ONNX file path, with its
+    inputs fixed to concrete dims (:func:`hetsched.model.shapes.fix_model`: a dynamic batch dim
+    becomes 1, ``input_shape`` gives the others)."""
     if source is None or source == BUILTIN_SQUEEZENET:
         from hetsched.model.squeezenet import build_squeezenet11
-        return build_squeezenet11()
+        return fix_model(build_squeezenet11(), input_shape)
     if source.startswith(BUILTIN_PREFIX):
         raise ModelError(f"unknown built-in model {source!r}; available: {BUILTIN_SQUEEZENET}")
     if not os.path.isfile(source):
@@ -105,37 +106,38 @@ def load_model(source: str | None) -> onnx.ModelProto:
     try:
         model = onnx.load(source)
     except Exception as exc:  # onnx raises DecodeError and friends
-        raise ModelError(f"cannot read ONNX model {source}: {exc}") from exc
-    return model
+        raise ModelError(f"cannot read ONNX model {source}: {exc} (is it a complete .onnx file?)") from exc
+    _set_source(model, source)
+    return fix_model(model, input_shape)
+
+
+def _set_source(model: onnx.ModelProto, source: str) -> None:
+    for prop in model.metadata_props:
+        if prop.key == SOURCE_KEY:
+            prop.value = source
+            return
+    model.metadata_props.add(key=SOURCE_KEY, value=source)
 
 
 def model_hash(model: onnx.ModelProto) -> str:
-    return hashlib.sha256(model.SerializeToString()).hexdigest()
+    """sha256 of the serialized model, without the file name load_model records."""
+    props = [(p.key, p.value) for p in model.metadata_props]
+    if not any(k == SOURCE_KEY for k, _ in props):
+        return hashlib.sha256(model.SerializeToString()).hexdigest()
+    del model.metadata_props[:]
+    try:
+        for k, v in props:
+            if k != SOURCE_KEY:
+                model.metadata_props.add(key=k, value=v)
+        return hashlib.sha256(model.SerializeToString()).hexdigest()
+    finally:
+        del model.metadata_props[:]
+        for k, v in props:
+            model.metadata_props.add(key=k, value=v)
 
 
-def _tensor_infos(model: onnx.ModelProto) -> dict[str, TensorInfo]:
-    infos: dict[str, TensorInfo] = {}
-    graph = model.graph
-    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
-        tt = vi.type.tensor_type
-        if not tt.HasField("shape"):
-            continue
-        dims = []
-        for d in tt.shape.dim:
-            if not d.HasField("dim_value") or d.dim_value <= 0:
-                dims = None
-                break
-            dims.append(int(d.dim_value))
-        if dims is None:
-            continue
-        dtype = ONNX_TO_NUMPY.get(tt.elem_type)
-        if dtype is None:
-            continue
-        infos[vi.name] = TensorInfo(vi.name, dtype, tuple(dims))
-    return infos
-
-
-def _topological_order(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+def topological_order(nodes: list[onnx.NodeProto], available: set[str],
+                      label: str = "the model") -> list[onnx.NodeProto]:
     produced = set(available)
     remaining = list(nodes)
     order: list[onnx.NodeProto] = []
@@ -143,16 +145,48 @@ def _topological_order(nodes: list[onnx.NodeProto], available: set[str]) -> list
         progressed = False
         rest = []
         for node in remaining:
-            if all((not i) or i in produced for i in node.input):
+            if all(i in produced for i in node_inputs(node)):
                 order.append(node)
                 produced.update(node.output)
                 progressed = True
             else:
                 rest.append(node)
         if not progressed:
-            missing = sorted({i for n in rest for i in n.input if i and i not in produced})
-            raise ModelError(f"graph is not a DAG or has undefined inputs: {missing[:5]}")
+            missing = sorted({i for n in rest for i in node_inputs(n) if i not in produced})
+            raise ModelError(f"{label}: the graph has a cycle or reads undefined tensors {missing[:5]}; "
+                             "check it with onnx.checker.check_model and re-export it")
         remaining = rest
+    return order
+
+
+def _constants_late(nodes: list[onnx.NodeProto], constants: set[str]) -> list[onnx.NodeProto]:
+    """The same topological order with each constant-only node moved right before its first
+    reader, so a layer holds the Constant -> Cast chain of its own Pad, not of the next one's."""
+    producer = {o: i for i, nd in enumerate(nodes) for o in nd.output if o}
+    is_const = [all(o in constants for o in nd.output if o) for nd in nodes]
+    placed = [False] * len(nodes)
+    order: list[onnx.NodeProto] = []
+
+    def place(i: int) -> None:
+        stack = [(i, False)]
+        while stack:
+            j, ready = stack.pop()
+            if placed[j]:
+                continue
+            if ready:
+                placed[j] = True
+                order.append(nodes[j])
+                continue
+            stack.append((j, True))
+            stack.extend((producer[t], False) for t in node_inputs(nodes[j])
+                         if t in producer and is_const[producer[t]] and not placed[producer[t]])
+
+    for i in range(len(nodes)):
+        if not is_const[i]:
+            place(i)
+    for i in range(len(nodes)):
+        if not placed[i]:
+            place(i)
     return order
 
 
@@ -183,58 +217,63 @@ def _layer_name(nodes: list[onnx.NodeProto], index: int) -> str:
     return f"{nodes[0].op_type.lower()}_{index}"
 
 
-def analyze(model: onnx.ModelProto, max_cut_tensors: int = 1) -> ModelGraph:
+def analyze(model: onnx.ModelProto, max_cut_tensors: int = 1, *, shape_steps: Sequence[str] = STEPS) -> ModelGraph:
     """Find the cut points of ``model`` and return its layers and boundary tensors.
 
-    Needs static shapes for every activation (fixed input shape); raises ModelError otherwise.
+    A model whose inputs still have a symbolic batch dim is fixed to batch 1 first (other symbolic
+    dims need :func:`load_model`'s ``input_shape``). Shapes come from
+    :func:`hetsched.model.shapes.resolve_shapes`, trying ``shape_steps`` in order.
     """
     if max_cut_tensors < 1:
         raise ModelError("max_cut_tensors must be >= 1")
-    try:
-        inferred = shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception as exc:
-        raise ModelError(f"shape inference failed: {exc}") from exc
-    graph = inferred.graph
+    fixed = model if input_is_static(model) else fix_model(model)
+    res = resolve_shapes(fixed, steps=shape_steps)
+    infos = res.infos
+    graph = fixed.graph
+    label = model_label(model)
     init_names = {t.name for t in graph.initializer}
     init_shapes = {t.name: tuple(t.dims) for t in graph.initializer}
-    graph_inputs = [i.name for i in graph.input if i.name not in init_names]
+    graph_inputs = [vi.name for vi in real_inputs(graph)]
     graph_outputs = [o.name for o in graph.output]
-    if not graph_inputs:
-        raise ModelError("model has no non-constant inputs")
-    infos = _tensor_infos(inferred)
+    nodes = topological_order(list(graph.node), set(graph_inputs) | init_names, label)
+    constants = constant_tensors(graph, nodes) - set(graph_inputs)
+    nodes = _constants_late(nodes, constants)
     for name in graph_inputs + graph_outputs:
         if name not in infos:
-            raise ModelError(f"tensor {name!r} has no static shape; hetsched needs a fixed input shape "
-                             "(re-export the model with concrete dimensions)")
-
-    nodes = _topological_order(list(graph.node), set(graph_inputs) | init_names)
-    constants = set(init_names)
-    for node in nodes:
-        if node.op_type == "Constant":
-            constants.update(node.output)
+            why = ("its size depends on the input data, which hetsched cannot pipeline: export the model with "
+                   "fixed output shapes") if STEP_RUN in shape_steps else \
+                f"try the later shape steps ({', '.join(s for s in STEPS if s not in shape_steps)})"
+            raise ModelError(f"{label}: tensor {name!r} has no static shape ({res.describe()}); {why}")
 
     n = len(nodes)
     last_use: dict[str, int] = {}
     for idx, node in enumerate(nodes):
-        for name in node.input:
-            if name and name not in constants:
+        for name in node_inputs(node):
+            if name not in constants:
                 last_use[name] = idx
     for name in graph_outputs:
         last_use[name] = n  # needed "after the last node"
     producer: dict[str, int] = {name: -1 for name in graph_inputs}
     for idx, node in enumerate(nodes):
         for name in node.output:
-            producer[name] = idx
+            if name:
+                producer[name] = idx
 
     def live_after(p: int) -> list[str]:
         """Tensors crossing the boundary between nodes[:p] and nodes[p:]."""
         return [t for t, prod in producer.items()
                 if prod < p and t not in constants and last_use.get(t, -1) >= p]
 
+    def carriable(t: str) -> bool:
+        # a boundary carries activations: floating point, or a model input passed along. Integer
+        # intermediates (shape arithmetic) would get random values when a stage is profiled alone
+        return t in infos and (producer[t] < 0 or np.dtype(infos[t].dtype).kind == "f")
+
+    is_const = [all(o in constants for o in nd.output if o) for nd in nodes]
     cuts = [0]
     for p in range(1, n):
-        if nodes[p].op_type == "Constant":
-            continue
+        if is_const[p] or all(is_const[cuts[-1]:p]):
+            continue  # constant nodes go with the stage that reads them; no layer of constants only
         live = live_after(p)
         if not live or len(live) > max_cut_tensors:
             continue
@@ -243,9 +282,11 @@ def analyze(model: onnx.ModelProto, max_cut_tensors: int = 1) -> ModelGraph:
         data_inputs = [i for i in nxt.input if i and i not in constants]
         if nxt.op_type in FUSABLE_FOLLOWERS and data_inputs and set(data_inputs) <= prev_outputs:
             continue
-        if any(t not in infos for t in live):
-            continue  # dynamic shape inside: not a usable boundary
+        if not all(carriable(t) for t in live):
+            continue  # a data-dependent shape or an integer tensor: not a usable boundary
         cuts.append(p)
+    if len(cuts) > 1 and all(is_const[cuts[-1]:]):
+        cuts.pop()  # trailing constants (e.g. a constant output) join the last layer
     cuts.append(n)
 
     layers: list[Layer] = []
@@ -259,29 +300,24 @@ def analyze(model: onnx.ModelProto, max_cut_tensors: int = 1) -> ModelGraph:
         if b < n:
             boundaries.append(tuple(infos[t] for t in sorted(live_after(b), key=lambda t: producer[t])))
     boundaries.append(tuple(infos[t] for t in graph_outputs))
-    return ModelGraph(tuple(layers), tuple(boundaries), model_hash(model), graph.name or "model")
+    return ModelGraph(tuple(layers), tuple(boundaries), model_hash(model), graph.name or "model",
+                      res.source, res.describe())
 
 
 def extract_stage(model: onnx.ModelProto, mg: ModelGraph, first_layer: int, last_layer: int) -> onnx.ModelProto:
     """The sub-model computing layers first..last: inputs boundary[first], outputs boundary[last+1].
 
     Tensors that cross both boundaries untouched are not outputs of the sub-model; the worker
-    forwards them (see ``passthrough_names``).
+    forwards them (see ``passthrough_names``). Inputs and outputs carry ``mg``'s static shapes
+    (see :mod:`hetsched.model.stages`).
     """
     if not 0 <= first_layer <= last_layer < len(mg.layers):
         raise ModelError(f"bad layer range {first_layer}..{last_layer} (model has {len(mg.layers)} layers)")
-    inputs = [t.name for t in mg.boundaries[first_layer]]
     passthrough = set(passthrough_names(mg, first_layer, last_layer))
-    outputs = [t.name for t in mg.boundaries[last_layer + 1] if t.name not in passthrough]
-    if first_layer == 0 and last_layer == len(mg.layers) - 1 and not passthrough:
+    outputs = [t for t in mg.boundaries[last_layer + 1] if t.name not in passthrough]
+    if first_layer == 0 and last_layer == len(mg.layers) - 1 and not passthrough and input_is_static(model):
         return model
-    try:
-        extractor = onnx.utils.Extractor(shape_inference.infer_shapes(model, strict_mode=False))
-        sub = extractor.extract_model(inputs, outputs)
-    except Exception as exc:
-        raise ModelError(f"cannot extract layers {first_layer}..{last_layer}: {exc}") from exc
-    sub.graph.name = f"{mg.name}[{first_layer}:{last_layer}]"
-    return sub
+    return sub_model(model, list(mg.boundaries[first_layer]), outputs, f"{mg.name}[{first_layer}:{last_layer}]")
 
 
 def passthrough_names(mg: ModelGraph, first_layer: int, last_layer: int) -> list[str]:

@@ -27,7 +27,10 @@ output is bit-identical to that tool's. It differs from torchvision in two round
 
 Then ``x * scale`` (computed as ``x / (1 / scale)`` in float32 to match the tool's ``x / 255.0``),
 ``(x - mean) / std`` with ``mean``/``std`` in RGB order, ``channel_order: BGR`` reverses the
-channel axis, ``layout`` picks NCHW or NHWC.
+channel axis, ``layout`` picks NCHW or NHWC (``auto``, the default, is decided from the model by
+:func:`hetsched.model.inputs.resolve_input_config`: NHWC when the model input is [1, H, W, 3],
+else NCHW; unresolved it means NCHW). ``dtype: uint8`` (for models that take raw pixels) skips scale, mean and std and
+returns the resized, cropped uint8 pixels; ``float16`` casts the float32 result.
 
 For normal aspect ratios the resized image is made whole and cropped. For extreme ones (an
 8 x 16384 strip would become 256 x 524288) only the crop window is resampled (Pillow's
@@ -50,12 +53,14 @@ from PIL import Image, ImageFile
 
 from hetsched.config import InputConfig
 from hetsched.errors import ConfigError, ProtocolError
+from hetsched.model.inputs import PREPROCESS_DTYPES, model_input_layout, resolve_input_config  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "ImageLimits", "sniff_format", "decode_image", "preprocess_array", "preprocess_encoded",
-    "model_input_shape", "load_labels", "softmax", "looks_like_probabilities", "top_k",
+    "model_input_shape", "model_input_layout", "resolve_input_config", "load_labels", "softmax",
+    "looks_like_probabilities", "top_k",
 ]
 
 
@@ -291,9 +296,14 @@ def decode_image(data: bytes | memoryview, limits: ImageLimits = ImageLimits()) 
     return rgb
 
 
+_DTYPES = PREPROCESS_DTYPES
+
+
 def _check_cfg(cfg: InputConfig) -> None:
-    if cfg.layout not in ("NCHW", "NHWC"):
-        raise ValueError(f"input.layout must be NCHW or NHWC, got {cfg.layout!r}")
+    if cfg.layout not in ("NCHW", "NHWC", "auto"):
+        raise ValueError(f"input.layout must be NCHW, NHWC or auto, got {cfg.layout!r}")
+    if cfg.dtype not in _DTYPES + ("auto",):
+        raise ValueError(f"input.dtype must be one of {', '.join(_DTYPES)} or auto, got {cfg.dtype!r}")
     if cfg.channel_order not in ("RGB", "BGR"):
         raise ValueError(f"input.channel_order must be RGB or BGR, got {cfg.channel_order!r}")
     if cfg.size < 1 or cfg.resize < 1:
@@ -303,9 +313,10 @@ def _check_cfg(cfg: InputConfig) -> None:
 
 
 def model_input_shape(cfg: InputConfig) -> tuple[int, ...]:
-    """Shape of the tensor :func:`preprocess_array` returns for ``cfg``."""
+    """Shape of the tensor :func:`preprocess_array` returns for ``cfg`` (``layout: auto`` not yet
+    resolved by :func:`~hetsched.model.inputs.resolve_input_config` means NCHW)."""
     _check_cfg(cfg)
-    return (1, 3, cfg.size, cfg.size) if cfg.layout == "NCHW" else (1, cfg.size, cfg.size, 3)
+    return (1, cfg.size, cfg.size, 3) if cfg.layout == "NHWC" else (1, 3, cfg.size, cfg.size)
 
 
 def _resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
@@ -349,13 +360,16 @@ def _resize_crop(rgb: np.ndarray, resize: int, size: int) -> np.ndarray:
 
 
 def preprocess_array(rgb: np.ndarray, cfg: InputConfig) -> np.ndarray:
-    """uint8 H x W x 3 RGB -> contiguous float32 model input, ``model_input_shape(cfg)``."""
+    """uint8 H x W x 3 RGB -> contiguous model input, ``model_input_shape(cfg)``: float32 (also for
+    ``dtype: auto``), float16, or uint8 (the resized, cropped pixels: no scale, mean or std)."""
     _check_cfg(cfg)
     if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 \
             or rgb.shape[0] < 1 or rgb.shape[1] < 1:
         desc = f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
         raise ProtocolError("BAD_IMAGE", f"expected a uint8 HxWx3 RGB array, got {desc}")
     crop = _resize_crop(np.ascontiguousarray(rgb), cfg.resize, cfg.size)
+    if cfg.dtype == "uint8":
+        return _arrange(crop, cfg)
     x = crop.astype(np.float32)
     if cfg.scale != 0:
         x /= np.float32(1.0 / cfg.scale)  # bit-exact with the reference's x / 255.0 in float32
@@ -363,9 +377,14 @@ def preprocess_array(rgb: np.ndarray, cfg: InputConfig) -> np.ndarray:
         x *= np.float32(0.0)
     x -= np.asarray(cfg.mean, np.float32)
     x /= np.asarray(cfg.std, np.float32)
+    return _arrange(x.astype(np.float16) if cfg.dtype == "float16" else x, cfg)
+
+
+def _arrange(x: np.ndarray, cfg: InputConfig) -> np.ndarray:
+    """H x W x 3 RGB -> channel order and layout of ``cfg``, with the batch axis, contiguous."""
     if cfg.channel_order == "BGR":
         x = x[:, :, ::-1]
-    x = x.transpose(2, 0, 1) if cfg.layout == "NCHW" else x
+    x = x if cfg.layout == "NHWC" else x.transpose(2, 0, 1)
     return np.ascontiguousarray(x[None])
 
 

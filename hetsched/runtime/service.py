@@ -116,7 +116,7 @@ def prepare(cfg: Config, *, progress: Progress | None = None, sysfs_root: str = 
     note = progress or (lambda msg: None)
     topo = detect_topology(sysfs_root)
     clusters = clusters if clusters is not None else resolve_clusters(cfg, topo)
-    model = load_model(cfg.model)
+    model = load_model(cfg.model, cfg.model_input.shape)
     graph = analyze(model, cfg.planner.max_cut_tensors)
     note(f"model {cfg.model}: {len(model.graph.node)} nodes, {len(graph.layers)} layers between cut points")
     warnings: list[str] = []
