@@ -120,6 +120,16 @@ def prepare(cfg: Config, *, progress: Progress | None = None, sysfs_root: str = 
     graph = analyze(model, cfg.planner.max_cut_tensors)
     note(f"model {cfg.model}: {len(model.graph.node)} nodes, {len(graph.layers)} layers between cut points")
     warnings: list[str] = []
+    if with_preprocess:  # input.layout/dtype "auto" follow the model's input
+        from hetsched.errors import ConfigError
+        from hetsched.model.inputs import resolve_input_config
+        try:
+            cfg = cfg.with_overrides(input=resolve_input_config(cfg.input, graph.inputs[0]))
+        except ConfigError as exc:
+            warnings.append(f"images cannot be made into this model's input ({exc}): the service takes raw tensors "
+                            "only")
+            note(warnings[-1])
+            with_preprocess = False
     bbytes = graph.boundary_bytes()
     if cfg.profile.measure:
         from hetsched.profiling.measure import measure_clusters
@@ -193,15 +203,20 @@ def refine_plan(cfg: Config, model, graph: ModelGraph, clusters, measurements, c
     return costs, plan
 
 
-def topk_spec(model: onnx.ModelProto, graph: ModelGraph, k: int):
-    """What the last stage reports: the top-k of the first class-vector output (softmax unless the
-    model already ends in Softmax); None when the model has no class-vector output."""
+def topk_spec(model: onnx.ModelProto, graph: ModelGraph, k: int, configured: str | None = None):
+    """What the last stage reports: the top-k of the output named by ``model_output.top_k_from`` (or
+    the first class-vector output), softmax unless the model already ends in Softmax; None when the
+    model has no class-vector output (a detector: results then carry only what ``outputs`` asks)."""
+    from hetsched.errors import ModelError
+    from hetsched.model.outputs import output_is_probability, topk_output_index
     from hetsched.runtime.spec import TopkSpec
-    for i, t in enumerate(graph.outputs):
-        if sum(1 for d in t.shape if d != 1) == 1 and max(t.shape) > 1:
-            producer = next((n for n in model.graph.node if t.name in n.output), None)
-            return TopkSpec(i, k, apply_softmax=producer is None or producer.op_type != "Softmax")
-    return None
+    try:
+        i = topk_output_index(graph, configured)
+    except ModelError:
+        if configured is not None:
+            raise
+        return None
+    return TopkSpec(i, k, apply_softmax=not output_is_probability(model, graph.outputs[i].name))
 
 
 def coordinator_cluster(clusters: Sequence[Cluster]) -> Cluster:
@@ -240,7 +255,7 @@ def running_service(prep: Prepared, bind: str | None = None, *, with_preprocess:
     limits = ServerLimits(max_pending=cfg.server.max_pending, **cfg.limits.server_overrides())
     image_limits = ImageLimits(**cfg.limits.image_overrides())
     check_limits(limits, image_limits, prep.graph.inputs[0])
-    topk = topk_spec(prep.model, prep.graph, cfg.input.top_k)
+    topk = topk_spec(prep.model, prep.graph, cfg.input.top_k, cfg.model_output.top_k_from)
 
     def make_pipeline(plan: Plan, generation: int, frame_ids) -> Pipeline:
         return Pipeline(prep.model, prep.graph, plan, transport=cfg.transport.kind, host=cfg.transport.host,

@@ -108,7 +108,8 @@ class Server:
         check_limits(self.limits, self.image_limits, pipeline.graph.inputs[0])
         check_bind(bind, self.security, "server.bind")
         self.labels = load_labels(labels_path)
-        n_classes = int(np.prod(pipeline.graph.outputs[0].shape))
+        topk = getattr(pipeline, "topk", None)
+        n_classes = int(np.prod(pipeline.graph.outputs[topk.output if topk else 0].shape))
         if self.labels is not None and len(self.labels) != n_classes:
             raise ConfigError(f"input.labels: {labels_path} has {len(self.labels)} labels, the model "
                               f"outputs {n_classes} classes")
