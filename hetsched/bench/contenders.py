@@ -42,6 +42,7 @@ class Slot:
 
 class OrtContender:
     def __init__(self, name: str, processes: list[list[dict]], spec: dict, tmp: str):
+        """Starts the processes; :meth:`wait_ready` waits until their sessions are warm."""
         self.name = name
         self.due_r, self.due_w = os.pipe()
         self.procs: list[OrtProc] = []
@@ -54,6 +55,10 @@ class OrtContender:
             raise
         # (process, session index in it) of every session, in core order
         self.sessions = [(p, j) for p in self.procs for j in range(len(p.sessions))]
+
+    def wait_ready(self) -> None:
+        for p in self.procs:
+            p.wait_ready()
 
     @property
     def pids(self) -> list[int]:

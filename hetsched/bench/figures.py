@@ -94,8 +94,8 @@ def cpu_budget(slots: Sequence[Slot]) -> dict:
         over = metrics.overhead_ms_per_frame(b["cpu_s"], b["onnxruntime_cpu_s"], b["frames"])
         workers.append({**{k: b[k] for k in ("stage", "cluster", "pids", "frames", "estimated", "restarted")},
                         "cpu_ms_per_frame": _r(metrics.per_frame_ms(b["cpu_s"], b["frames"])),
-                        "beyond_onnxruntime_ms": _r(over),
-                        "met": None if over is None else over <= CPU_BUDGET_MS["worker"]})
+                        "beyond_onnxruntime_ms": _r(over),  # an estimate is shown but not judged
+                        "met": None if over is None or b["estimated"] else over <= CPU_BUDGET_MS["worker"]})
     return {"frames": frames, "budget_ms": dict(CPU_BUDGET_MS),
             "coordinator_ms": _r(coord), "coordinator_met": None if coord is None else coord <= CPU_BUDGET_MS["coordinator"],
             "client_ms": _r(client), "client_met": None if client is None else client <= CPU_BUDGET_MS["client"],
@@ -169,8 +169,9 @@ def evaluate_targets(t: dict, emulated: bool) -> list[dict]:
     out.append(_target("coordinator CPU ms/frame", b.get("coordinator_ms"), "<=", CPU_BUDGET_MS["coordinator"]))
     for w in b.get("workers", []):
         out.append(_target(f"stage {w['stage']} worker(s) {w['pids']} CPU ms/frame beyond onnxruntime"
-                           + (" (estimated)" if w["estimated"] else ""), w["beyond_onnxruntime_ms"], "<=",
-                           CPU_BUDGET_MS["worker"]))
+                           + (" (estimated, not judged: the workers report no onnxruntime CPU time)"
+                              if w["estimated"] else ""), w["beyond_onnxruntime_ms"], "<=", CPU_BUDGET_MS["worker"],
+                           w["met"]))
     out.append(_target("feeding client CPU ms/frame", b.get("client_ms"), "<=", CPU_BUDGET_MS["client"]))
     return out
 

@@ -112,7 +112,8 @@ class Child:
 
 class OrtProc(Child):
     """One onnxruntime contender process (its sessions as threads); ``due_fd``: the read end of the
-    contender's due pipe (open-loop frames, see workers/bench_worker.py)."""
+    contender's due pipe (open-loop frames, see workers/bench_worker.py). Started at once; call
+    :meth:`wait_ready` before commanding it."""
 
     def __init__(self, name: str, sessions: list[dict], spec: dict, tmp: str, due_fd: int):
         spec = {**spec, "sessions": sessions, "parent_pid": os.getpid(), "due_fd": due_fd}
@@ -122,7 +123,11 @@ class OrtProc(Child):
         super().__init__(name, [sys.executable, "-m", "workers.bench_worker", "ort", spec_path],
                          os.path.join(tmp, f"{name}.log"), json_stdout=True, pass_fds=(due_fd,))
         self.sessions = sessions
-        self.ready = self.read(180)
+        self.ready: dict | None = None
+
+    def wait_ready(self, timeout: float = 180.0) -> dict:
+        self.ready = self.read(timeout)
+        return self.ready
 
     def command(self, timeout: float, **cmd: Any) -> dict:
         self.send(**cmd)

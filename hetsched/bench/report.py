@@ -55,12 +55,12 @@ def _pair(a: Any, b: Any) -> str:
     return f"{_fmt(a)} / {_fmt(b)}"
 
 
-def _offered_cell(f: dict | None) -> str:
+def _offered_cell(f: dict | None, unit: str = "") -> str:
     if not f:
         return "-"
     if f.get("overloaded"):
         return f"overloaded ({_fmt(f['achieved_fps'])} fps)"
-    return _pair(f.get("p50_ms"), f.get("p99_ms"))
+    return _pair(f.get("p50_ms"), f.get("p99_ms")) + unit
 
 
 def table_rows(t: dict) -> list[list[str]]:
@@ -133,8 +133,9 @@ def headline(sc: dict, kind: str, t: dict) -> str:
     met = sum(1 for x in t.get("targets", []) if x["met"])
     return (f"**{sc['name']}, {kind}**: hetsched {_fmt(h['fps'])} fps = {_fmt(h['vs_limit'], 2)} x limit "
             f"({_fmt(c['limit']['fps'])} fps), {_fmt(h['vs_ort_all'], 2)} x ort-all, {_fmt(h['vs_ort_replicas'], 2)} "
-            f"x ort-replicas; at {_fmt(t.get('offered_fps'))} fps offered p50/p99 {_offered_cell(hf)} ms "
-            f"(ort-replicas {_offered_cell(rf)} ms); targets met {met} of {len(t.get('targets', []))}" + disturbed(t))
+            f"x ort-replicas; at {_fmt(t.get('offered_fps'))} fps offered p50/p99 {_offered_cell(hf, ' ms')} "
+            f"(ort-replicas {_offered_cell(rf, ' ms')}); targets met {met} of {len(t.get('targets', []))}"
+            + disturbed(t))
 
 
 def _details(sc: dict, kind: str, t: dict, table) -> list[str]:
@@ -164,9 +165,11 @@ def _details(sc: dict, kind: str, t: dict, table) -> list[str]:
               f"client socket {_fmt(u['client_socket_ms'], 3)} + {parts} + rest of the coordinator's path "
               f"{_fmt(u['coordinator_rest_ms'], 3)}.", ""]
     corr, fl, bg = t["correctness"], t["foreign_cpu_pct"], t["background_cpu_pct"]
+    worst = ", ".join(f"{n} {_fmt(v)} %" for n, v in sorted(bg.get("max_by_contender", {}).items()))
     L += [f"Outputs: {'equal' if corr['ok'] else 'NOT equal'} to the unsplit model's (1-thread onnxruntime) within "
           f"{CORRECT_ATOL:g} on {corr['checked_frames']} frames (max |diff| {_fmt(corr['max_abs_diff'], 7)}). Idle "
-          f"contenders used {_fmt(bg['mean'])} % CPU (mean; max {_fmt(bg['max'])} %) while another one ran; "
+          f"contenders used {_fmt(bg['mean'])} % CPU (mean; max {_fmt(bg['max'])} %; max by contender: "
+          f"{worst or '-'}) while another one ran; "
           f"processes not started by the benchmark used {_fmt(fl['mean_pct'])} % CPU (mean; max "
           f"{_fmt(fl['max_pct'])} %), the hypervisor stole {_fmt(fl['steal_mean_pct'])} %.", ""]
     L += ["Targets (issue 12):", ""] + [f"- {x}" for x in targets_text(t)] + [""]

@@ -7,6 +7,7 @@ limit measured core by core in the same rounds; then offer every contender the s
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -49,21 +50,23 @@ def run_scenario(sc: Scenario, opts: BenchOptions, note: Progress) -> dict:
     if "jpeg" in traffics:
         import dataclasses
         spec.update(jpeg_files=traffics["jpeg"].files, input_cfg=dataclasses.asdict(sc.cfg.input))
+    svc_raw = sc.service_raw(opts.profile_repeats if opts.quick else None)
     svc_cfg = os.path.join(tmp, "service.yaml")
     with open(svc_cfg, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(sc.service_raw(opts.profile_repeats if opts.quick else None), fh)
+        yaml.safe_dump(svc_raw, fh)
     specs = ort_specs(sc, opts.replicas)
     res: dict = {"name": sc.name, "source": sc.source, "model": sc.cfg.model,
                  "clusters": [{"name": c.name, "cores": list(c.cores), "emulated_speed": c.emulated_speed}
                               for c in sc.clusters],
                  "emulated": {str(k): v for k, v in sc.emulated.items()}, "fastest_cluster": sc.fastest_cluster().name,
-                 "ort_specs": specs, "replicas_mode": opts.replicas, "service_config": svc_cfg, "notes": [],
+                 "ort_specs": specs, "replicas_mode": opts.replicas, "service_config": svc_raw, "notes": [],
                  "traffic": {}}
     if not specs["ort-fastest-cluster"]:
         res["notes"].append("one cluster: ort-fastest-cluster would be ort-all again, not run")
     orts: dict[str, OrtContender] = {}
     service = None
     sampler = RssSampler()
+    ok = False
     try:
         with emulation(sc.clusters, sc.cfg.emulation_period_ms, note):
             note(f"[{sc.name}] hetsched start --config {svc_cfg} (fresh cost cache: the service profiles the cores)")
@@ -75,6 +78,8 @@ def run_scenario(sc: Scenario, opts: BenchOptions, note: Progress) -> dict:
                 note(f"[{sc.name}] starting {name}: " + "; ".join(
                     ", ".join(f"cores {s['cores']} x{s['threads']}" for s in proc) for proc in specs[name]))
                 orts[name] = OrtContender(name, specs[name], spec, tmp)
+            for o in orts.values():  # started together, warm when this returns
+                o.wait_ready()
             with Client(service.endpoint, timeout=60) as client:
                 shm = bool(opts.shm and client.enable_shm(opts.window + 2))  # as `hetsched feed` does
                 het = HetschedContender(service, client, opts.window, sc.speed)
@@ -85,6 +90,7 @@ def run_scenario(sc: Scenario, opts: BenchOptions, note: Progress) -> dict:
                      f"{plan.get('throughput_fps', 0):.1f} fps; client input: {res['hetsched_input']}")
                 for kind, traffic in traffics.items():
                     res["traffic"][kind] = run_traffic(sc, opts, traffic, het, orts, sampler, note)
+        ok = True
     finally:
         sampler.close()
         for name, p in list(orts.items()) + ([("hetsched", service)] if service else []):
@@ -92,6 +98,10 @@ def run_scenario(sc: Scenario, opts: BenchOptions, note: Progress) -> dict:
                 p.stop()
             except Exception as exc:  # keep stopping the others
                 note(f"[{sc.name}] stopping {name}: {exc}")
+        if ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            note(f"[{sc.name}] logs kept in {tmp}")
     for kind, t in res["traffic"].items():
         t["targets"] = figures.evaluate_targets(t, bool(sc.emulated))
     return res
@@ -116,12 +126,13 @@ def run_traffic(sc: Scenario, opts: BenchOptions, traffic: Traffic, het: Hetsche
     per_core: dict[int, list[Slot]] = {c: [] for c in sc.cores}
     rss: dict[str, float] = {n: 0.0 for n in names}
     background: list[float] = []  # CPU % of the idle contenders while another one runs (sanity check)
+    by_name: dict[str, float] = {}  # ... the most each idle contender used in one slot
     foreign = ForeignLoad()       # CPU % of processes that are not ours (other users) while a slot runs
 
     def slot(name: str, r: int) -> None:
         own = pids[name]
-        others = [p for n, ps in pids.items() if n != name and not (name == "limit" and n == "ort-replicas")
-                  for p in ps]
+        groups = {n: ps for n, ps in pids.items() if n != name and not set(ps) & set(own)}  # limit = the replicas
+        others = [p for ps in groups.values() for p in ps]
         b0 = cpu_of(others)
         t0 = time.monotonic()
         sampler.begin(own)
@@ -142,6 +153,8 @@ def run_traffic(sc: Scenario, opts: BenchOptions, traffic: Traffic, het: Hetsche
         b1 = cpu_of(others)
         if others and wall > 0:
             background.append(100.0 * sum(b1[p] - b0[p] for p in others) / wall)
+            for n, ps in groups.items():
+                by_name[n] = max(by_name.get(n, 0.0), 100.0 * sum(b1[p] - b0[p] for p in ps) / wall)
         note(f"{tag} round {r + 1}/{opts.rounds}  {name:<20} {fps:8.1f} fps"
              + (f"   WARNING: other processes used {fl:.0f}% CPU meanwhile" if fl > 10 else ""))
 
@@ -160,7 +173,7 @@ def run_traffic(sc: Scenario, opts: BenchOptions, traffic: Traffic, het: Hetsche
 
     # the same offered rate for every contender: load_fraction x the limit, open loop
     rate = opts.load_fraction * (c["limit"]["fps"] or 0.0)
-    out["offered_fps"] = _r(rate, 2)
+    out["offered_fps"] = _r(rate)
     fixed_checks: list[float] = []
     if rate > 0:
         lat_names = list(orts) + ["hetsched"]
@@ -185,5 +198,6 @@ def run_traffic(sc: Scenario, opts: BenchOptions, traffic: Traffic, het: Hetsche
                           "ok": bool(diffs) and max(diffs) <= CORRECT_ATOL, "atol": CORRECT_ATOL}
     out["foreign_cpu_pct"] = foreign.summary()
     out["background_cpu_pct"] = {"mean": _r(statistics.fmean(background), 1) if background else None,
-                                 "max": _r(max(background), 1) if background else None}
+                                 "max": _r(max(background), 1) if background else None,
+                                 "max_by_contender": {n: _r(v, 1) for n, v in by_name.items()}}
     return out

@@ -47,7 +47,7 @@ class Scenario:
         co-runners of its own; it profiles the emulated cores and finds them slow by itself, as on a
         real big.LITTLE chip), no bind (the bench passes ``--bind``) and no ``profile.cache_dir`` (the
         bench points HETSCHED_CACHE_DIR at a fresh directory: a first-time user's empty cache).
-        Nothing is added for the planner. ``profile_repeats`` (``--quick`` only) shortens profiling."""
+        Nothing is added for the planner. ``profile_repeats`` (``--quick`` only) shortens profiling (and at most one refining round)."""
         raw = copy.deepcopy(self.raw)
         raw["model"] = self.cfg.model
         raw.pop("emulate_big_little", None)
@@ -59,6 +59,7 @@ class Scenario:
         if profile_repeats:
             prof["repeats"] = profile_repeats
             prof["warmup"] = min(prof.get("warmup", 5), 2)
+            prof["refine"] = min(prof.get("refine", 1), 1)
         if prof:
             raw["profile"] = prof
         else:
