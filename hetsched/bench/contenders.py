@@ -120,7 +120,7 @@ class HetschedContender:
 
     def __init__(self, service: ServiceProc, client: Any, window: int, speed_of):
         self.service, self.client, self.window, self.speed_of = service, client, window, speed_of
-        self.plan = client.stats()["plan"]
+        self.plan = read_snapshot(client.stats()).plan
 
     @property
     def pids(self) -> list[int]:

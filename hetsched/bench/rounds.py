@@ -6,6 +6,7 @@ limit measured core by core in the same rounds; then offer every contender the s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import statistics
@@ -48,7 +49,6 @@ def run_scenario(sc: Scenario, opts: BenchOptions, note: Progress) -> dict:
         spec["raw_inputs"] = os.path.join(tmp, "inputs.npy")
         np.save(spec["raw_inputs"], np.stack(traffics["raw"].payloads))
     if "jpeg" in traffics:
-        import dataclasses
         spec.update(jpeg_files=traffics["jpeg"].files, input_cfg=dataclasses.asdict(sc.cfg.input))
     svc_raw = sc.service_raw(opts.profile_repeats if opts.quick else None)
     svc_cfg = os.path.join(tmp, "service.yaml")
