@@ -209,7 +209,8 @@ HOW = [
     "stays below 95 % of the offered rate (or that drops frames) is reported as overloaded with its achieved "
     "rate, not with percentiles. Saturated latency: onnxruntime = the frame's run time; hetsched = send to "
     "reply with the feed window outstanding.",
-    "- **CPU per frame**: user + system time of the contender's processes over its measured windows / frames. "
+    "- **CPU per frame**: CPU time of the contender's processes over its measured windows / frames (per thread "
+    "from /proc/PID/task/*/schedstat, in ns; onnxruntime processes: their own getrusage). "
     "hetsched's budget: the coordinator = the `hetsched start` process (all threads); a worker's figure "
     "beyond onnxruntime = its CPU minus the CPU of its own runs (the workers' reported `compute_cpu_s`; if "
     "they report only wall `compute_s`, that x threads x the emulated core speed, marked estimated); the client "
