@@ -159,7 +159,7 @@ def test_every_report_gives_the_same_figures_from_the_same_run():
 
     run = _run_data()
     profile = build_report(run)
-    demo = demo_result(run, [], [], 2.0)["report"]
+    demo = demo_result(run, [], [])["report"]
     bench_slot = figures.hetsched_slot_figures(run)
     slot = Slot(done_t=list(run.completion_times), lat_ms=list(run.latencies_ms), cpu_s=1.0, frames=run.received,
                 t_end=run.t_end, extra={"run": dataclasses.replace(run, core_rates_fps=None), "coordinator_cpu_s": 0.1,

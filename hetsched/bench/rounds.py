@@ -12,7 +12,6 @@ import shutil
 import statistics
 import tempfile
 import time
-from typing import Any
 
 import numpy as np
 

@@ -212,23 +212,24 @@ def _demo_client(n_frames: int) -> Callable:
             replies: list[dict] = []
             with Client(endpoint, timeout=60) as c:
                 # the demo's frames are JPEG photos: its limit counts decode + preprocess + model per core
-                run, stats = record_run(c, iter(frames * (n_frames // len(frames) + 1)), count=n_frames,
+                run, _ = record_run(c, iter(frames * (n_frames // len(frames) + 1)), count=n_frames,
                                         window=window, stream="demo", traffic=metrics.ENCODED,
                                         core_rates_fps=metrics.core_rates_fps(prep.measurements, metrics.ENCODED),
                                         predicted_overhead_ms=predicted_overheads(prep.costs, prep.measurements),
                                         should_stop=stop, on_result=lambda name, rep: replies.append(rep))
-            result.update(demo_result(run, replies, [n for n, _ in frames], stats.summary()["seconds"]))
+            result.update(demo_result(run, replies, [n for n, _ in frames]))
         except Exception as exc:  # reported by the main thread
             result["error"] = f"{type(exc).__name__}: {exc}"
     return run
 
 
-def demo_result(run, replies: list[dict], names: list[str], seconds: float) -> dict:
+def demo_result(run, replies: list[dict], names: list[str]) -> dict:
     """What the demo prints, from its recorded window: the replies and the report (every figure by
     hetsched.observe.metrics through build_report)."""
     from hetsched.observe.report import build_report
-    return {"replies": replies, "names": names, "seconds": seconds, "received": run.received,
-            "report": build_report(run)}
+    report = build_report(run)
+    return {"replies": replies, "names": names, "seconds": report["pipeline"]["window_s"], "received": run.received,
+            "report": report}
 
 
 def _print_demo(result: dict, prep, server) -> None:

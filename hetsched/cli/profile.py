@@ -103,7 +103,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from hetsched.cli.main import StopFlag, eprint
+    from hetsched.cli.main import StopFlag
     from hetsched.client import Client
     from hetsched.observe.tables import format_stage_table, stage_status
     from hetsched.cli.keys import client_key_options
