@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Same as ``hetsched bench``: hetsched vs onnxruntime baselines vs the limit, see hetsched/bench/run.py.
+"""Same as ``hetsched bench``: hetsched vs onnxruntime baselines vs the limit, see hetsched/bench/run.py
+(options: hetsched/cli/bench.py).
 
     python scripts/bench.py                      # the three built-in scenarios, a few minutes
     python scripts/bench.py --quick --out /tmp/b # harness check, seconds

@@ -246,27 +246,33 @@ def demo_frames(n_images: int = 8):
 def _demo_client(n_frames: int) -> Callable:
     def run(endpoint: str, prep, result: dict, stop) -> None:
         from hetsched.client import Client
-        from hetsched.client.feed import feed
-        from hetsched.cli.profile import settled_stats
-        from hetsched.observe.report import build_report
+        from hetsched.observe import metrics
+        from hetsched.observe.recording import record_run
+        from hetsched.observe.report import predicted_overheads
         try:
             frames = demo_frames()
-            names = [n for n, _ in frames]
             window = 2 * sum(s.replicas for s in prep.plan.stages) + 2
             replies: list[dict] = []
             with Client(endpoint, timeout=60) as c:
-                before = settled_stats(c)
-                stats = feed(c, iter(frames * (n_frames // len(frames) + 1)), fps=None, duration=None,
-                             count=n_frames, window=window, stream="demo", should_stop=stop,
-                             on_result=lambda name, rep: replies.append(rep))
-                after = settled_stats(c)
-            summary = stats.summary()
-            result.update(replies=replies, names=names, summary=summary,
-                          report=build_report(before, after, stats.latencies_ms, stats.sent, stats.received,
-                                              stats.errors + stats.busy, summary["seconds"], prep.limit_fps() or None))
+                # the demo's frames are JPEG photos: its limit counts decode + preprocess + model per core
+                run, _ = record_run(c, iter(frames * (n_frames // len(frames) + 1)), count=n_frames,
+                                        window=window, stream="demo", traffic=metrics.ENCODED,
+                                        core_rates_fps=metrics.core_rates_fps(prep.measurements, metrics.ENCODED),
+                                        predicted_overhead_ms=predicted_overheads(prep.costs, prep.measurements),
+                                        should_stop=stop, on_result=lambda name, rep: replies.append(rep))
+            result.update(demo_result(run, replies, [n for n, _ in frames]))
         except Exception as exc:  # reported by the main thread
             result["error"] = f"{type(exc).__name__}: {exc}"
     return run
+
+
+def demo_result(run, replies: list[dict], names: list[str]) -> dict:
+    """What the demo prints, from its recorded window: the replies and the report (every figure by
+    hetsched.observe.metrics through build_report)."""
+    from hetsched.observe.report import build_report
+    report = build_report(run)
+    return {"replies": replies, "names": names, "seconds": report["pipeline"]["window_s"], "received": run.received,
+            "report": report}
 
 
 def _print_demo(result: dict, prep, server) -> None:
@@ -283,8 +289,7 @@ def _print_demo(result: dict, prep, server) -> None:
         label = f" {top['label']}" if top.get("label") else ""
         print(f"  {names[r['seq'] % len(names)]:<18} top-1 class {top['index']:>4}{label}  score {top['score']:.3f}"
               f"  latency {r['latency_ms']:.1f} ms")
-    s = result["summary"]
-    print(f"\nstreamed {s['received']} frames through the client socket in {s['seconds']:.2f} s; "
+    print(f"\nstreamed {result['received']} frames through the client socket in {result['seconds']:.2f} s; "
           f"errors {len(reps) - len(ok)}\n")
     print(format_report(result["report"]))
 
@@ -370,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list:
     out = []
-    for mod in ("hetsched.cli.feed", "hetsched.cli.profile", "hetsched.bench.run", "hetsched.cli.keys"):
+    for mod in ("hetsched.cli.feed", "hetsched.cli.profile", "hetsched.cli.bench", "hetsched.cli.keys"):
         try:
             m = __import__(mod, fromlist=["add_parser"])
         except ImportError:

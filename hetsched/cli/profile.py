@@ -7,32 +7,21 @@ import argparse
 import json
 import os
 import sys
-import time
-
-from hetsched.errors import HetschedError
-
-
-def settled_stats(client, timeout: float = 3.0) -> dict:
-    """A stats snapshot taken once every stage's reported frame count has caught up with the
-    frames the service completed (workers report every heartbeat interval)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        snap = client.stats()
-        done = snap["completed"] + snap["errors"]
-        if all(s["frames"] + s["errors"] >= done for s in snap["stages"]) or time.monotonic() > deadline:
-            return snap
-        time.sleep(0.05)
 
 
 def drive_and_measure(endpoint: str, *, duration: float, fps: float | None, warmup: float, window: int,
-                      images: list[str] | None, stop, limit_fps: float | None, progress=None,
+                      images: list[str] | None, stop, prep=None, progress=None,
                       server_key: str | None = None, client_key: str | None = None) -> dict:
-    """Connect, warm up, snapshot, drive load for ``duration`` s, snapshot, fetch the trace; return
-    {"report": ..., "trace": ...}."""
+    """Connect, warm up, record a measured window of ``duration`` s, fetch the trace; return
+    {"report": ..., "trace": ...}. ``prep`` (the local service's Prepared) gives the limit for the
+    traffic fed (JPEG files or raw tensors) and the planner's overheads; None (``--connect``): unknown."""
     from hetsched.client import Client
     from hetsched.client.feed import feed, file_frames, image_files, synthetic_frames
-    from hetsched.observe.report import build_report
+    from hetsched.observe import metrics
+    from hetsched.observe.recording import record_run
+    from hetsched.observe.report import build_report, predicted_overheads
 
+    traffic = metrics.ENCODED if images else metrics.RAW
     with Client(endpoint, timeout=30, server_public_key=server_key, client_secret_key_file=client_key) as c:
         hello = c.hello()
         inp = hello["input"]
@@ -47,15 +36,12 @@ def drive_and_measure(endpoint: str, *, duration: float, fps: float | None, warm
         if warmup > 0:
             feed(c, frames(), fps=fps, duration=warmup, count=None, window=window, stream="warmup",
                  should_stop=stop)
-        before = settled_stats(c)
-        stats = feed(c, frames(), fps=fps, duration=duration, count=None, window=window, stream="profile",
-                     should_stop=stop, on_progress=progress)
-        after = settled_stats(c)
+        run, _ = record_run(c, frames(), fps=fps, duration=duration, window=window, stream="profile",
+                            traffic=traffic, should_stop=stop, on_progress=progress,
+                            core_rates_fps=metrics.core_rates_fps(prep.measurements, traffic) if prep else None,
+                            predicted_overhead_ms=predicted_overheads(prep.costs, prep.measurements) if prep else None)
         trace = c.trace(2000)
-    window_s = stats.summary()["seconds"]
-    report = build_report(before, after, stats.latencies_ms, stats.sent, stats.received, stats.errors + stats.busy,
-                          window_s, limit_fps, fps)
-    return {"report": report, "trace": trace}
+    return {"report": build_report(run), "trace": trace}
 
 
 def write_outputs(out_dir: str, result: dict, extra: dict) -> list[str]:
@@ -86,7 +72,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.connect:
         stop = StopFlag().install()
         result = drive_and_measure(args.connect, duration=args.duration, fps=args.fps, warmup=args.warmup,
-                                   window=args.window, images=images, stop=stop, limit_fps=None, progress=progress,
+                                   window=args.window, images=images, stop=stop, progress=progress,
                                    server_key=args.server_key, client_key=args.client_key)
         print(format_report(result["report"]))
         for p in write_outputs(args.out, result, {"connect": args.connect}):
@@ -96,8 +82,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     def driver(endpoint, prep, result, stop):
         try:
             result.update(drive_and_measure(endpoint, duration=args.duration, fps=args.fps, warmup=args.warmup,
-                                            window=args.window, images=images, stop=stop,
-                                            limit_fps=prep.limit_fps() or None, progress=progress))
+                                            window=args.window, images=images, stop=stop, prep=prep,
+                                            progress=progress))
         except Exception as exc:
             result["error"] = f"{type(exc).__name__}: {exc}"
 
@@ -117,9 +103,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from hetsched.cli.main import StopFlag, eprint
+    from hetsched.cli.main import StopFlag
     from hetsched.client import Client
-    from hetsched.observe.tables import format_stage_table
+    from hetsched.observe.tables import format_stage_table, stage_status
     from hetsched.cli.keys import client_key_options
     stop = StopFlag().install()
     with Client(args.connect, timeout=args.timeout, **client_key_options(args)) as c:
@@ -144,9 +130,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 dt = snap["uptime_s"] - prev["uptime_s"]
                 rate = (snap["completed"] - prev["completed"]) / dt if dt > 0 else 0.0
                 lines.append(f"rate {rate:.1f} frames/s")
-                for s, p in zip(snap["stages"], prev["stages"]):
-                    s["utilization"] = (s["compute_s"] - p["compute_s"]) / (dt * s["replicas"]) if dt > 0 else 0.0
-            lines.append(format_stage_table(snap))
+            lines.append(format_stage_table(stage_status(snap, prev)))
             if sys.stdout.isatty():
                 sys.stdout.write("\x1b[2J\x1b[H")
             print("\n".join(lines), flush=True)

@@ -1,70 +1,118 @@
-"""Stage-balance report (pure): from two service snapshots, client latencies and a frame trace,
-compute per-stage measured vs predicted times, the bottleneck, balance, prediction errors and
-efficiency; render the table and a Chrome trace (Perfetto / chrome://tracing)."""
+"""Stage-balance report (pure): from one measured window of a service run (:class:`RunData`: two
+service snapshots, client completions and latencies, the limit's per-core rates) compute per-stage
+measured vs predicted times, the bottleneck, balance, prediction errors and efficiency, every figure
+by hetsched.observe.metrics; render the table and a Chrome trace (Perfetto / chrome://tracing)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
-import numpy as np
-
-
-def _pct(xs: Sequence[float], q: float) -> float | None:
-    return float(np.percentile(xs, q)) if len(xs) else None
+from hetsched.observe import metrics
+from hetsched.observe.snapshot import StageCounters, read_snapshot
 
 
-def _err(measured: float | None, predicted: float | None) -> float | None:
-    if measured is None or not predicted:
+@dataclass
+class RunData:
+    """What one measured window of a service run recorded: the input of every report builder
+    (``profile``, the demo and the bench's hetsched slots all fill one of these)."""
+    before: dict                       # raw stats snapshot at the window's start (settled)
+    after: dict                        # ... and at its end (settled)
+    t_start: float                     # monotonic time of the window's first submit
+    completion_times: Sequence[float]  # monotonic time of each result
+    latencies_ms: Sequence[float]      # per result, submit -> reply (client side)
+    sent: int
+    received: int
+    errors: int
+    traffic: str = metrics.RAW         # what the frames were: metrics.RAW or metrics.ENCODED
+    core_rates_fps: Mapping[Any, float] | None = None  # each core's standalone rate for this traffic
+    t_end: float | None = None         # end of offering load (throughput leaves the drain out)
+    offered_fps: float | None = None   # None: saturated (closed loop)
+    predicted_overhead_ms: Mapping[str, float] | None = None  # per cluster: the non-onnxruntime part of
+    #                                    a stage's predicted time (to compare compute with compute)
+
+
+def predicted_overheads(costs: Any, measurements: Sequence[Any]) -> dict[str, float]:
+    """Per cluster, the part of a planned stage's ``compute_ms`` that is not onnxruntime run time:
+    the planner's per-stage overhead (``costs.stage_overhead_ms``) minus the empty-run time the
+    workers' compute timer does include (``measurements[i].empty_ms[1]``)."""
+    empty = {m.cluster: (m.empty_ms or {}).get(1, 0.0) for m in measurements}
+    return {c: max(0.0, ov - empty.get(c, 0.0)) for c, ov in costs.stage_overhead_ms.items()}
+
+
+def _predicted_compute(st: StageCounters, overhead: Mapping[str, float] | None) -> float | None:
+    """A stage's predicted onnxruntime-only time: from the snapshot when it carries one, else the
+    plan's stage time minus the known overhead; None when the two bases cannot be matched."""
+    if st.predicted_compute_ms is not None:
+        return float(st.predicted_compute_ms)
+    if overhead is None or st.cluster not in overhead:
         return None
-    return (measured - predicted) / predicted
+    return st.predicted_ms - overhead[st.cluster]
 
 
-def build_report(before: dict, after: dict, latencies_ms: Sequence[float], sent: int, received: int,
-                 errors: int, window_s: float, limit_fps: float | None, offered_fps: float | None = None) -> dict:
-    """``before``/``after``: Server.snapshot() at the start and end of the measured window."""
-    plan = after["plan"]
-    stages = []
-    for b, a, ps in zip(before["stages"], after["stages"], plan["stages"]):
-        frames = a["frames"] - b["frames"]
-        compute_s = a["compute_s"] - b["compute_s"]
-        wait_s = a["wait_s"] - b["wait_s"]
-        send_s = a["send_s"] - b["send_s"]
-        new = max(0, min(frames, len(a["samples_ms"])))
-        samples = a["samples_ms"][-new:] if new else []
-        mean = compute_s / frames * 1e3 if frames else None
-        replicas = a["replicas"]
-        stages.append({
-            "stage": a["stage"], "cluster": a["cluster"], "cores": a["cores"], "replicas": replicas,
-            "threads": a["threads"], "pids": a["pids"], "layers": a["layers"],
-            "first_layer": ps["first_layer"], "last_layer": ps["last_layer"], "frames": frames,
-            "predicted_ms": ps["compute_ms"], "predicted_period_ms": ps["period_ms"],
-            "compute_ms_mean": mean, "compute_ms_p50": _pct(samples, 50), "compute_ms_p99": _pct(samples, 99),
-            "wait_ms": wait_s / frames * 1e3 if frames else None,
-            "send_ms": send_s / frames * 1e3 if frames else None,
-            "measured_period_ms": (mean / replicas) if mean is not None else None,
-            "utilization": compute_s / (window_s * replicas) if window_s > 0 else None,
-            "prediction_error": _err(_pct(samples, 50), ps["compute_ms"]),
+def stage_figures(before: dict, after: dict, wall_s: float,
+                  predicted_overhead_ms: Mapping[str, float] | None = None) -> list[dict]:
+    """Per stage over the window between two snapshots (``wall_s`` long): frames, compute ms per
+    frame (mean, p50, p99 of the window's samples), wait/send ms per frame, period, utilisation and
+    the compute prediction error, all by hetsched.observe.metrics."""
+    out = []
+    b_all, a_all = read_snapshot(before), read_snapshot(after)
+    for b, a in zip(b_all.stages, a_all.stages):
+        frames = a.frames - b.frames
+        compute_s = a.compute_s - b.compute_s
+        new = max(0, min(frames, len(a.samples_ms)))
+        samples = a.samples_ms[-new:] if new else ()
+        p50 = metrics.percentile(samples, 50)
+        predicted = _predicted_compute(a, predicted_overhead_ms)
+        out.append({
+            "stage": a.stage, "cluster": a.cluster, "cores": list(a.cores), "replicas": a.workers,
+            "threads": a.threads, "pids": [p for acc in a.accounts for p in acc.pids], "layers": list(a.layers),
+            "first_layer": a.first_layer, "last_layer": a.last_layer, "frames": frames,
+            "predicted_ms": a.predicted_ms, "predicted_compute_ms": predicted,
+            "predicted_period_ms": a.predicted_period_ms,
+            "compute_ms_mean": metrics.per_frame_ms(compute_s, frames), "compute_ms_p50": p50,
+            "compute_ms_p99": metrics.percentile(samples, 99),
+            "wait_ms": metrics.per_frame_ms(a.wait_s - b.wait_s, frames),
+            "send_ms": metrics.per_frame_ms(a.send_s - b.send_s, frames),
+            "measured_period_ms": metrics.stage_period_ms(compute_s, frames, a.workers),
+            "utilization": metrics.stage_utilisation(compute_s, a.workers, wall_s),
+            "prediction_error": metrics.prediction_error(p50, predicted),
         })
-    periods = [s["measured_period_ms"] for s in stages if s["measured_period_ms"] is not None]
-    bottleneck = max(stages, key=lambda s: s["measured_period_ms"] or 0.0)["stage"] if periods else None
-    balance = max(periods) / (sum(periods) / len(periods)) if periods else None
-    throughput = received / window_s if window_s > 0 else 0.0
+    return out
+
+
+def build_report(run: RunData) -> dict:
+    """The stage-balance report of one measured window: per-stage figures and the pipeline's
+    throughput, latency, balance, limit and efficiency, every one from hetsched.observe.metrics.
+    Utilisation is over the window from the first submit to the last completion."""
+    plan = run.after["plan"]
+    done = metrics.window_completions(run.completion_times)
+    wall_s = (done[-1] - run.t_start) if done else 0.0
+    stages = stage_figures(run.before, run.after, wall_s, run.predicted_overhead_ms)
+    periods = [s["measured_period_ms"] for s in stages]
+    known = [s for s in stages if s["measured_period_ms"] is not None]
+    throughput = metrics.throughput_fps(run.completion_times, run.t_end)
+    limit = metrics.limit_fps(run.core_rates_fps)
+    lat = metrics.latency_summary(run.latencies_ms)
     return {
         "plan": plan,
         "stages": stages,
         "pipeline": {
-            "window_s": window_s, "sent": sent, "received": received, "errors": errors,
-            "offered_fps": offered_fps,
+            "traffic": run.traffic, "window_s": wall_s, "sent": run.sent, "received": run.received,
+            "errors": run.errors, "offered_fps": run.offered_fps,
             "throughput_fps": throughput, "predicted_throughput_fps": plan["throughput_fps"],
-            "throughput_prediction_error": _err(throughput, plan["throughput_fps"]),
-            "latency_p50_ms": _pct(latencies_ms, 50), "latency_p99_ms": _pct(latencies_ms, 99),
+            "throughput_prediction_error": metrics.prediction_error(throughput, plan["throughput_fps"]),
+            "latency_p50_ms": lat["p50_ms"], "latency_p99_ms": lat["p99_ms"],
             "predicted_latency_ms": plan["latency_ms"],
-            "bottleneck_stage": bottleneck, "predicted_bottleneck_stage": plan["bottleneck_stage"],
-            "balance": balance, "predicted_balance": plan["balance"],
-            "limit_fps": limit_fps,
-            "efficiency": throughput / limit_fps if limit_fps else None,
+            "bottleneck_stage": max(known, key=lambda s: s["measured_period_ms"])["stage"] if known else None,
+            "predicted_bottleneck_stage": plan["bottleneck_stage"],
+            "balance": metrics.balance(periods), "predicted_balance": plan["balance"],
+            "limit_fps": limit, "efficiency": metrics.efficiency(throughput, limit),
         },
     }
+
+
+_WORK = {metrics.RAW: "model only, raw tensors", metrics.ENCODED: "decode + preprocess + model, encoded images"}
 
 
 def _f(x: float | None, fmt: str = "{:.2f}") -> str:
@@ -72,12 +120,13 @@ def _f(x: float | None, fmt: str = "{:.2f}") -> str:
 
 
 def format_report(report: dict) -> str:
-    head = ("stage", "cluster", "cores", "r x t", "layers", "pred ms", "p50 ms", "p99 ms", "wait ms", "send ms",
-            "util", "pred err")
+    head = ("stage", "cluster", "cores", "r x t", "layers", "plan ms", "pred compute", "p50 ms", "p99 ms", "wait ms",
+            "send ms", "util", "pred err")
     rows = [head]
     for s in report["stages"]:
         rows.append((str(s["stage"]), s["cluster"], ",".join(map(str, s["cores"])), f"{s['replicas']}x{s['threads']}",
-                     f"{s['layers'][0]} .. {s['layers'][1]}", _f(s["predicted_ms"]), _f(s["compute_ms_p50"]),
+                     f"{s['layers'][0]} .. {s['layers'][1]}", _f(s["predicted_ms"]), _f(s["predicted_compute_ms"]),
+                     _f(s["compute_ms_p50"]),
                      _f(s["compute_ms_p99"]), _f(s["wait_ms"]), _f(s["send_ms"]),
                      _f(s["utilization"], "{:.0%}"), _f(s["prediction_error"], "{:+.0%}")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -93,9 +142,11 @@ def format_report(report: dict) -> str:
         f"bottleneck      stage {p['bottleneck_stage']} (planner predicted stage {p['predicted_bottleneck_stage']})",
         f"balance         {_f(p['balance'], '{:.3f}')} slowest/mean stage (predicted {_f(p['predicted_balance'], '{:.3f}')})",
         f"efficiency      {_f(p['efficiency'], '{:.1%}')} of the limit {_f(p['limit_fps'], '{:.1f}')} frames/s "
-        f"(sum of each core's standalone single-thread throughput)",
+        f"(sum of each core's standalone single-thread rate for the same work: {_WORK[p['traffic']]})",
         f"frames          sent {p['sent']}, received {p['received']}, errors {p['errors']} in {p['window_s']:.1f} s",
     ]
+    lines.append("(plan ms: the planner's stage time with its overheads; pred compute: its onnxruntime-only part, "
+                 "compared with the measured compute p50 in pred err)")
     return "\n".join(lines)
 
 
