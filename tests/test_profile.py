@@ -14,7 +14,7 @@ model: builtin:squeezenet1.1
 clusters:
   big: {{cores: [0]}}
   little: {{cores: [1]}}
-planner: {{max_stages: 2, allow_replicas: false{cuts}}}
+planner: {{max_stages: 2, allow_replicas: false, allow_pools: false{cuts}}}
 profile: {{repeats: 8, warmup: 2, cache: false}}
 """
 

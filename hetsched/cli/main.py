@@ -112,7 +112,11 @@ def plan_report(prep) -> str:
     lines.append("")
     lines.append(format_plan(prep.plan))
     if prep.measurements:
-        lines.append(f"limit (sum of each core's standalone single-thread throughput): {prep.limit_fps():.1f} frames/s")
+        from hetsched.observe.metrics import ENCODED, RAW
+        limit = f"limit (sum of each core's standalone single-thread rate): {prep.limit_fps(RAW):.1f} frames/s raw tensors"
+        if prep.with_preprocess and prep.limit_fps(ENCODED):
+            limit += f", {prep.limit_fps(ENCODED):.1f} frames/s JPEG (decode + preprocess + model)"
+        lines.append(limit)
     for w in prep.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)
@@ -215,12 +219,19 @@ def _tmp_socket() -> str:
 
 
 def _status_ticker() -> Callable:
+    """A one-line live status on stderr (utilisation over the last interval, the plan generation)."""
+    from hetsched.observe.tables import stage_status
+    last: dict = {}
+
     def tick(server) -> None:
-        snap = server.snapshot()
-        rates = " ".join(f"s{s['stage']}:{s['frames']}f/{s['utilization']:.0%}" for s in snap["stages"])
-        eprint(f"\r  up {snap['uptime_s']:.0f}s  completed {snap['completed']}  errors {snap['errors']}  "
+        snap = server.snapshot(samples=200)
+        rows = stage_status(snap, last.get("snap"))
+        last["snap"] = snap
+        rates = " ".join(f"s{r['stage']}:{r['frames']}f/{r['utilization']:.0%}" for r in rows)
+        gen = (snap.get("replan") or {}).get("generation", 0)
+        eprint(f"\r  up {snap['uptime_s']:.0f}s  plan {gen}  completed {snap['completed']}  errors {snap['errors']}  "
                f"busy {snap['busy']}  queue {snap['queue']['pending']}+{snap['queue']['in_flight']}  {rates}   ",
-               end="")
+               end="" if sys.stderr.isatty() else "\n")
     return tick
 
 

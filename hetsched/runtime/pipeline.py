@@ -567,6 +567,7 @@ class Pipeline:
                 slot = self.dispatcher.workers.get(w.wid)
                 agg["workers"].append({"worker": w.wid, "pid": w.pid, "cluster": w.cluster, "cores": list(w.cores),
                                        "threads": w.threads, "predicted_ms": w.predicted_ms,
+                                       "predicted_compute_ms": w.layers_ms,
                                        "measured_service_ms": slot.service_s * 1e3 if slot else None,
                                        **{k: w.total(k) for k in STAT_KEYS}})
             out.append(agg)

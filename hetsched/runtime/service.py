@@ -51,11 +51,11 @@ class Prepared:
     def replan(self, **kw) -> Plan:
         return make_plan(self.config, self.costs, self.cluster_specs(), self.transfer, **kw)
 
-    def limit_fps(self, encoded_share: float = 0.0) -> float:
-        """Sum over cores of each core's standalone single-thread rate for the same work the pipeline
-        does: the model, plus decoding for the share of encoded frames (from the profile)."""
-        return sum(len(m.cores) * 1000.0 / (m.whole_ms[1] + encoded_share * (m.preprocess_ms or 0.0))
-                   for m in self.measurements if m.whole_ms.get(1))
+    def limit_fps(self, traffic: str = "raw") -> float:
+        """The machine's limit for ``traffic`` ("raw" or "encoded"), from the profile
+        (``hetsched.observe.metrics``: the same definition as every report)."""
+        from hetsched.observe import metrics
+        return metrics.limit_fps(metrics.core_rates_fps(self.measurements, traffic)) or 0.0
 
 
 def emulated_cores(clusters: Sequence[Cluster], period_ms: float | None = None) -> list:

@@ -232,7 +232,10 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
     stage, wid = spec.stage, spec.worker
     interval = spec.stats_interval
     frames_done = errors = 0
-    wait_s = compute_s = send_s = 0.0
+    wait_s = compute_s = send_s = input_s = cpu_s = 0.0
+    # onnxruntime's (and the input conversion's) CPU time: this thread's with one intra-op thread,
+    # the whole process's with more (its pool threads do the work)
+    cpu_clock = time.thread_time if spec.threads == 1 else time.process_time
     samples: list[float] = []
     monotonic = time.monotonic
     t_last_stats = t_idle_from = monotonic()
@@ -243,8 +246,8 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
     def send_stats(final: bool = False) -> None:
         nonlocal samples
         ctl.send(sp.control("STATS", stage=stage, worker=wid, pid=os.getpid(), frames=frames_done, errors=errors,
-                            wait_s=wait_s, compute_s=compute_s, send_s=send_s, samples=samples[-512:],
-                            t=monotonic(), final=final))
+                            wait_s=wait_s, compute_s=compute_s, send_s=send_s, input_s=input_s,
+                            compute_cpu_s=cpu_s, samples=samples[-512:], t=monotonic(), final=final))
         samples = []
 
     def on_control(msg: dict) -> bool:
@@ -279,6 +282,7 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
             except zmq.Again:
                 break
             t_recv = monotonic()
+            c0 = cpu_clock()
             try:
                 w = sp.unpack_work(parts[0].buffer)
             except ProtocolError:
@@ -329,6 +333,7 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
                 else:
                     raise ProtocolError("BAD_FRAMES", "tensors in frames on a shared-memory link")
                 t_end = monotonic()
+                cpu_s += cpu_clock() - c0
                 top = None
                 if topk is not None:
                     idx, scores = topk_scores(outs[topk.output], topk.k, topk.apply_softmax)
@@ -357,6 +362,7 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
             frames_done += 1
             wait_s += max(0.0, t_recv - t_idle_from)
             compute_s += t_end - t_start
+            input_s += t_start - t_recv
             send_s += t_sent - t_end
             samples.append(t_end - t_start)
             t_idle_from = t_sent

@@ -18,7 +18,7 @@ from hetsched.wire.dtypes import ORT_TO_NUMPY
 
 log = logging.getLogger(__name__)
 
-STAT_KEYS = ("frames", "errors", "wait_s", "compute_s", "send_s")
+STAT_KEYS = ("frames", "errors", "wait_s", "compute_s", "send_s", "input_s", "compute_cpu_s")
 MAX_SAMPLES = 4096
 
 

@@ -474,6 +474,8 @@ class Server:
                            "compute_ms_p50": float(np.percentile(recent, 50) * 1e3) if recent else None,
                            "samples_ms": [round(x * 1e3, 4) for x in recent],
                            "predicted_ms": st.compute_ms, "predicted_period_ms": st.period_ms,
+                           "predicted_compute_ms": max(m.layers_ms for m in st.members),
+                           "compute_cpu_s": agg["compute_cpu_s"], "input_s": agg["input_s"],
                            "workers": agg["workers"]})
         return {"uptime_s": uptime, "t": now, "pid": os.getpid(), "plan": self.pipe.plan.to_dict(), "stages": stages,
                 "queue": {"pending": len(self.pending), "in_flight": len(self.pipe.inflight)},
