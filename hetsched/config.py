@@ -7,7 +7,8 @@ Schema (every key optional; see configs/*.yaml for commented examples)::
     emulate_big_little:               # only with clusters: auto on a host with ONE kind of core:
       little_speed: 0.5               #   split the cores into a big half and an emulated little half
     planner: {max_stages: 4, tie_tolerance: 0.02, allow_replicas: true, max_cut_tensors: 1, forced_cuts: null}
-    profile: {repeats: 30, warmup: 5, cache: true, cache_dir: null, measure: true, refine: 2}
+    profile: {repeats: 30, warmup: 5, cache: true, cache_dir: null, measure: true, refine: 2,
+              cache_tolerance: 0.10}    # re-measure a cluster whose speed moved more than this
     transport: {kind: ipc, host: 127.0.0.1, hwm: 1}
     server: {bind: tcp://127.0.0.1:5555, max_inflight: null, max_pending: 64}
     emulation: {period_ms: null}
@@ -58,6 +59,7 @@ class ProfileConfig:
     cache_dir: str | None = None
     measure: bool = True
     refine: int = 2  # rounds of timing the planned stages as whole sub-models and re-planning
+    cache_tolerance: float = 0.10  # cached costs are re-measured when the whole model's speed moved more
 
 
 @dataclass(frozen=True)
@@ -282,7 +284,7 @@ def parse_config(raw: Any, path: str | None = None) -> Config:
         "max_cut_tensors": _int(1), "forced_cuts": _cuts})
     profile = _section(raw, "profile", ProfileConfig, {
         "repeats": _int(3), "warmup": _int(0), "cache": _bool, "cache_dir": _opt_str, "measure": _bool,
-        "refine": _int(0)})
+        "refine": _int(0), "cache_tolerance": _float(0.0, 10.0)})
     transport = _section(raw, "transport", TransportConfig, {
         "kind": _choice("ipc", "tcp"), "host": _str, "hwm": _int(1)})
     server = _section(raw, "server", ServerConfig, {
