@@ -277,11 +277,12 @@ name, path = sys.argv[1], os.path.join("/dev/shm", sys.argv[1])
 cache = RegionCache()
 print(int(cache.view(name, 2, 4096, 1, "uint8", (4096,)).sum()), flush=True)
 os.truncate(path, 100)
-try:
-    a = cache.view(name, 2, 4096, 1, "uint8", (4096,))
-    print("read", int(a.sum()), flush=True)
-except ProtocolError as exc:
-    print(exc.code, name in cache, flush=True)
+for how in ("view", "read"):
+    try:
+        a = getattr(cache, how)(name, 2, 4096, 1, "uint8", (4096,))
+        print("read", int(a.sum()), flush=True)
+    except ProtocolError as exc:
+        print(exc.code, name in cache, flush=True)
 """
 
 
@@ -294,7 +295,7 @@ def test_truncated_region_is_an_error_not_sigbus_in_a_reader_process(shm_paths):
     r = subprocess.run([sys.executable, "-c", TRUNCATE_AND_READ, name], capture_output=True, text=True, timeout=50)
     assert r.returncode != -signal.SIGBUS, "the reader died of SIGBUS"
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["4096", "BAD_SHM", "False"], r.stdout
+    assert r.stdout.split() == ["4096", "BAD_SHM", "False", "BAD_SHM", "False"], r.stdout
 
 
 def test_region_keeps_its_descriptor_until_closed(shm_paths):
@@ -396,3 +397,93 @@ def test_region_truncated_after_registration_is_refused_at_submit(service, squee
         c.sock.send_multipart([cp.encode({"type": "submit", "stream": "s", "seq": 1, "encoding": "raw",
                                           "dtype": "float32", "shape": list(x.shape)}), x])
         assert c.recv(30)["type"] == "result"
+
+
+def test_read_copies_the_slot(shm_paths):
+    name = shm_paths()
+    path = make_file(name, 2 * 64)
+    with open(path, "r+b") as fh:
+        fh.seek(64)
+        fh.write(np.arange(16, dtype=np.float32).tobytes())
+    r = attach_region(name, 2, 64)
+    try:
+        got = r.read(1, "float32", (4, 4))
+        assert got.dtype == np.float32 and got.shape == (4, 4)
+        assert np.array_equal(got, r.view(1, "float32", (4, 4)))
+        with open(path, "r+b") as fh:
+            fh.seek(64)
+            fh.write(b"\0" * 64)
+        assert got[3, 3] == 15.0, "read returns a private copy"
+        assert r.view(1, "float32", (4, 4))[3, 3] == 0.0
+        os.truncate(path, 64 + 60)                     # slot 1 now ends past the file
+        assert r.read(0, "float32", (16,)).shape == (16,)
+        with pytest.raises(ProtocolError, match="truncated") as err:
+            r.read(1, "float32", (16,))
+        assert err.value.code == "BAD_SHM"
+        with pytest.raises(ProtocolError, match="outside"):
+            r.read(2, "float32", (1,))
+    finally:
+        r.close()
+    with pytest.raises(ProtocolError, match="closed"):
+        r.read(0, "float32", (1,))
+
+
+FLIP_SIZE = """
+import os, sys, time
+path, full, stop = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+n = 0
+while time.monotonic() < stop:
+    os.truncate(path, 100 if n % 2 == 0 else full)
+    n += 1
+os.truncate(path, full)
+print(n, flush=True)
+"""
+HAMMER_READ = """
+import sys, time
+from hetsched.errors import ProtocolError
+from hetsched.wire.shm import attach_region
+name, stop = sys.argv[1], float(sys.argv[2])
+r = attach_region(name, 4, 65536)
+ok = bad = 0
+while time.monotonic() < stop:
+    try:
+        r.read(3, "uint8", (65536,)).sum()
+        ok += 1
+    except ProtocolError as exc:
+        assert exc.code == "BAD_SHM", exc
+        bad += 1
+print(ok, bad, flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_read_survives_a_client_flipping_the_size(shm_paths):
+    """Another process truncates and restores the file as fast as it can while a reader reads:
+    the reader never dies (touching the mapping instead would end in SIGBUS)."""
+    import time
+    name = shm_paths()
+    path = make_file(name, 4 * 65536)
+    reader = subprocess.Popen([sys.executable, "-c", HAMMER_READ, name, str(time.monotonic() + 3.0)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: reader.poll() is not None or attached_in(reader.pid, path), timeout=20,
+                 what="the reader to map the region")
+        flipper = subprocess.run([sys.executable, "-c", FLIP_SIZE, path, str(4 * 65536), str(time.monotonic() + 1.5)],
+                                 capture_output=True, text=True, timeout=30)
+        out, _ = reader.communicate(timeout=30)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait(10)
+    assert reader.returncode == 0, f"reader died with {reader.returncode}"
+    assert int(flipper.stdout) > 10
+    ok, bad = map(int, out.split())
+    assert ok > 0 and ok + bad > 10
+
+
+def attached_in(pid: int, path: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as fh:
+            return path in fh.read()
+    except OSError:
+        return False

@@ -3,16 +3,16 @@
 A local client creates a file under /dev/shm (mode 0600: only the same user can map it), sized for
 ``slots`` model inputs, and registers it with the service. It then writes a frame into a free
 slot and submits only a small header naming the slot. The coordinator keeps the reference (so it
-can replay the frame) and stage 0 reads the tensor straight from the mapping: the 600 KB input of
+can replay the frame) and stage 0 reads the tensor straight from the file: the 600 KB input of
 SqueezeNet is never copied through a socket. A slot is free again once its frame's reply arrived.
 
 The file is the client's, so the service treats it as hostile (docs/security.md, "Shared memory"):
 it is opened without blocking and without following links, must be a regular file of the service's
 own user with no group/other access and exactly the registered size, and is mapped read-only. The
-descriptor stays open for the region's lifetime so every read can first check (fstat) that the
-file was not truncated under the mapping: a truncated file would otherwise kill the reader with
-SIGBUS. Workers keep a bounded cache of mappings (``RegionCache``) that notices replaced and
-removed files.
+descriptor stays open for the region's lifetime: ``check_size`` (fstat) tells whether the file was
+truncated under the mapping, where touching it would kill the process with SIGBUS, and ``read``
+copies a slot with pread, which a truncation can only make short (BAD_SHM), never fatal. Workers
+keep a bounded cache of regions (``RegionCache``) that notices replaced and removed files.
 """
 
 from __future__ import annotations
@@ -108,7 +108,8 @@ class Region:
             return True
         return (st.st_dev, st.st_ino) != self.ident
 
-    def view(self, slot: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    def _extent(self, slot: int, dtype: str, shape: tuple[int, ...]) -> tuple[int, int]:
+        """(element count, byte offset) of a ``dtype[shape]`` tensor in ``slot``, checked."""
         if not 0 <= slot < self.slots:
             raise ProtocolError("BAD_SLOT", f"slot {slot} outside 0..{self.slots - 1}")
         dims = [int(d) for d in shape]
@@ -116,8 +117,31 @@ class Region:
         n = count * np.dtype(dtype).itemsize
         if not dims or min(dims) <= 0 or n > self.slot_bytes:
             raise ProtocolError("SHAPE_MISMATCH", f"{dtype}{list(shape)} needs {n} bytes, slots hold {self.slot_bytes}")
+        return count, slot * self.slot_bytes
+
+    def view(self, slot: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The slot in place (no copy), after the size check. Touching it is only safe while the
+        file is not truncated: readers of a client's region use ``read``."""
+        count, offset = self._extent(slot, dtype, shape)
         self.check_size()
-        return np.frombuffer(self.mm, dtype=dtype, count=count, offset=slot * self.slot_bytes).reshape(shape)
+        return np.frombuffer(self.mm, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+    def read(self, slot: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A private copy of the slot, read with pread from the descriptor: a file truncated at
+        any moment gives BAD_SHM (a short read), never SIGBUS (as touching the mapping would)."""
+        count, offset = self._extent(slot, dtype, shape)
+        if self.mm is None or self.fd < 0:
+            raise ProtocolError("BAD_SHM", f"shared memory {self.name} is closed")
+        out = np.empty(count, dtype=dtype)
+        buf = out.view(np.uint8)
+        done = 0
+        while done < buf.nbytes:
+            got = os.preadv(self.fd, [buf[done:]], offset + done)
+            if got <= 0:
+                raise ProtocolError("BAD_SHM", f"shared memory {self.name} was truncated after registration "
+                                               f"(slot {slot} ends past the end of the file); register a new region")
+            done += got
+        return out.reshape(shape)
 
     def close(self) -> None:
         mm, self.mm = self.mm, None
@@ -237,6 +261,14 @@ class RegionCache:
         return name in self._regions
 
     def view(self, name: str, slots: int, slot_bytes: int, slot: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The slot in place (see ``Region.view``)."""
+        return self._use(name, slots, slot_bytes, lambda r: r.view(slot, dtype, shape))
+
+    def read(self, name: str, slots: int, slot_bytes: int, slot: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+        """A private copy of the slot that no truncation can turn into SIGBUS (see ``Region.read``)."""
+        return self._use(name, slots, slot_bytes, lambda r: r.read(slot, dtype, shape))
+
+    def _use(self, name: str, slots: int, slot_bytes: int, op):
         r = self._regions.get(name)
         if r is not None and (r.slots != slots or r.slot_bytes != slot_bytes or r.replaced()):
             self.forget(name)
@@ -249,7 +281,7 @@ class RegionCache:
         else:
             self._regions.move_to_end(name)
         try:
-            return r.view(slot, dtype, shape)
+            return op(r)
         except ProtocolError as exc:
             if exc.code == "BAD_SHM":  # truncated: unusable until registered again
                 self.forget(name)
