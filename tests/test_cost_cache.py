@@ -104,7 +104,7 @@ def test_cache_within_tolerance_is_used_as_is(small, tmp_path):
     notes: list[str] = []
     again = run(model, g, tmp_path, notes, tolerance=1000.0, **CALM)
     check = again.checks["one"]
-    assert not check.remeasured and check.cached_ms == first.measurements[0].whole_ms[1]
+    assert not check.remeasured and check.cached_ms == json.loads(before)["check_ms"] > 0
     assert check.now_ms > 0 and check.load is not None and check.load.wall_s > 0
     assert again.measurements == first.measurements, "the cached costs are used unchanged"
     assert path.read_bytes() == before, "a cache that agrees is not rewritten"
@@ -112,22 +112,35 @@ def test_cache_within_tolerance_is_used_as_is(small, tmp_path):
     assert again.speeds() == {"one": check.now_ms}
 
 
-@pytest.mark.timeout(300)
-def test_doctored_cache_is_detected_and_remeasured(small, tmp_path):
-    model, g = small
-    real = run(model, g, tmp_path, **CALM).measurements[0].whole_ms[1]
-    path = cache_file(tmp_path, g)
+def doctor(path: Path, factor: float, old_format: bool = False) -> float:
+    """Scale the cached whole-model times (as if measured on a faster day); returns the new reference."""
     d = json.loads(path.read_text())
-    d["whole_ms"]["1"] = real / 2
+    d["whole_ms"]["1"] *= factor
+    if old_format:  # a cache written before check_ms existed: whole_ms[1] is the reference
+        del d["check_ms"]
+        ref = d["whole_ms"]["1"]
+    else:
+        d["check_ms"] *= factor
+        ref = d["check_ms"]
     path.write_text(json.dumps(d))
+    return ref
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("old_format", [False, True], ids=["check_ms", "whole_ms-only"])
+def test_doctored_cache_is_detected_and_remeasured(small, tmp_path, old_format):
+    model, g = small
+    run(model, g, tmp_path, **CALM)
+    path = cache_file(tmp_path, g)
+    doctored = doctor(path, 0.5, old_format)
     notes: list[str] = []
     res = run(model, g, tmp_path, notes, **CALM)  # default tolerance 10 %
     check = res.checks["one"]
-    assert check.remeasured and check.cached_ms == pytest.approx(real / 2)
-    assert any("re-measuring" in n and f"cached {real / 2:.2f} ms" in n for n in notes), notes
-    rewritten = json.loads(path.read_text())["whole_ms"]["1"]
-    assert rewritten == res.measurements[0].whole_ms[1] == check.now_ms
-    assert rewritten > real / 2 * 1.1, "the doctored value was replaced by a measured one"
+    assert check.remeasured and check.cached_ms == pytest.approx(doctored)
+    assert any("re-measuring" in n and f"cached {doctored:.2f} ms" in n for n in notes), notes
+    saved = json.loads(path.read_text())
+    assert saved["whole_ms"]["1"] == res.measurements[0].whole_ms[1]
+    assert saved["check_ms"] == check.now_ms > doctored * 1.1, "the doctored value was replaced by a measured one"
     # and the new cache is trusted at the next start
     notes.clear()
     assert not run(model, g, tmp_path, notes, tolerance=1000.0, **CALM).checks["one"].remeasured
@@ -206,11 +219,8 @@ def test_prepare_uses_the_configured_tolerance(small, tmp_path):
     model, g = small
     onnx.save(model, tmp_path / "m.onnx")
     cache = tmp_path / "c"
-    real = run(model, g, cache, **CALM).measurements[0].whole_ms[1]  # a trusted cache, as prepare keys it
-    path = cache_file(cache, g)
-    d = json.loads(path.read_text())
-    d["whole_ms"]["1"] = real / 2
-    path.write_text(json.dumps(d))
+    run(model, g, cache, **CALM)  # a trusted cache, keyed as prepare keys it
+    doctored = doctor(cache_file(cache, g), 0.5)
 
     def start(tolerance):
         raw = {"model": str(tmp_path / "m.onnx"), "clusters": {"one": {"cores": [CORE]}},
@@ -223,7 +233,7 @@ def test_prepare_uses_the_configured_tolerance(small, tmp_path):
     notes = start(10.0)
     assert any("using cached costs" in n for n in notes), notes
     notes = start(0.10)
-    assert any(f"cached {real / 2:.2f} ms" in n and "re-measuring" in n for n in notes), notes
+    assert any(f"cached {doctored:.2f} ms" in n and "re-measuring" in n for n in notes), notes
 
 
 def test_cache_tolerance_config():

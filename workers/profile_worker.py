@@ -100,6 +100,9 @@ def measure(spec: dict, progress=None) -> dict:
         results["layer_ms"][threads] = ms[:n]
         results["whole_ms"][threads] = ms[n]
         results["empty_ms"][threads] = ms[n + 1]
+    if spec.get("check_repeats"):  # the start-up speed check's procedure, for an exact reference next time
+        results["check_ms"] = _time_models(ort, models[n:], feeds[n:], 1, spec["check_warmup"],
+                                           spec["check_repeats"])[0]
     # whole candidate stages (sub-models of several layers), for refining a plan
     for key, (threads, mb, ins) in spec.get("stage_models", {}).items():
         results["stage_ms"][key] = _time_models(ort, [mb], _feeds(ort, [mb], [ins]), threads, spec["warmup"],

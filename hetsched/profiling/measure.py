@@ -73,7 +73,7 @@ class SpeedCheck:
 
     cluster: str
     now_ms: float                  # measured now: the speed check, or the fresh full measurement
-    cached_ms: float | None        # whole_ms[1] of the cached costs (None: there were none to trust)
+    cached_ms: float | None        # the cached costs' reference time (None: there were none to trust)
     remeasured: bool               # the cluster's layer costs were measured now (not taken from the cache)
     load: CoreLoad | None          # CPU use on the cluster's cores while ``now_ms`` was measured
 
@@ -111,9 +111,10 @@ def measure_clusters_checked(model: onnx.ModelProto, graph: ModelGraph, clusters
     """Layer costs per cluster, from the cache when a quick whole-model check still agrees with it.
 
     For a cluster with trusted cached costs, the whole model is timed on that cluster (a pinned
-    process, CHECK_REPEATS runs, median); if it differs from the cached whole_ms[1] by more than
-    ``tolerance`` the cluster is measured again and the cache overwritten. Every measurement
-    samples the CPU use of other processes on the measured cores; when that exceeds
+    process, CHECK_REPEATS runs, median); if it differs from the cached time by more than
+    ``tolerance`` the cluster is measured again and the cache overwritten (the cached time is the
+    same check run at the end of the full measurement, ``check_ms``, or whole_ms[1] in older caches).
+    Every measurement samples the CPU use of other processes on the measured cores; when that exceeds
     ``disturbance_limit`` of their capacity the result carries a warning and is cached flagged as
     disturbed (the next start measures again). ``expected_pids``: processes whose CPU time is part
     of the cores' speed (emulation co-runners); None = this process's ``hetsched.host.emulation``
@@ -125,10 +126,10 @@ def measure_clusters_checked(model: onnx.ModelProto, graph: ModelGraph, clusters
     result = MeasureResult([])
     for cluster in clusters:
         path = os.path.join(cache_dir, f"{cache_key(graph, cluster, repeats, warmup, preprocess)}.json")
-        cached, flagged = _read_cache(path) if use_cache else (None, None)
+        cached, flagged, reference = _read_cache(path) if use_cache else (None, None, None)
         cached_ms = None
         if cached is not None and flagged is None:
-            cached_ms = cached.whole_ms[1]
+            cached_ms = reference
             now_ms, check_load = _check_speed(model, graph, cluster, expected, timeout)
             dev = now_ms / cached_ms - 1.0
             verdict = f"cluster {cluster.name}: cached {cached_ms:.2f} ms, now {now_ms:.2f} ms ({dev:+.0%})"
@@ -144,37 +145,42 @@ def measure_clusters_checked(model: onnx.ModelProto, graph: ModelGraph, clusters
             note(f"cluster {cluster.name}: cached costs were measured while {flagged.describe()}: re-measuring")
         if layer_models is None:
             layer_models = [extract_stage(model, graph, i, i).SerializeToString() for i in range(len(graph.layers))]
-        m, mload = _measure_one(model, graph, cluster, layer_models, repeats, warmup, timeout, progress,
-                                preprocess, expected)
+        m, mload, check_ms = _measure_one(model, graph, cluster, layer_models, repeats, warmup, timeout, progress,
+                                          preprocess, expected)
         disturbed = mload.disturbed(disturbance_limit)
         if disturbed:
             result.warnings.append(f"cluster {cluster.name}: {mload.describe()}; costs may be too high "
                                    "(not cached as trusted: the next start measures again)")
             note(result.warnings[-1])
         result.measurements.append(m)
-        result.checks[cluster.name] = SpeedCheck(cluster.name, m.whole_ms[1], cached_ms, True, mload)
+        result.checks[cluster.name] = SpeedCheck(cluster.name, check_ms or m.whole_ms[1], cached_ms, True, mload)
         if use_cache:
-            _write_json(path, {**m.to_dict(), "load": mload.to_dict(),
+            _write_json(path, {**m.to_dict(), "check_ms": check_ms, "load": mload.to_dict(),
                                "disturbed": mload.to_dict() if disturbed else None})
             _write_json(_epoch_path(cache_dir, graph, cluster), {"epoch": secrets.token_hex(8)})
     return result
 
 
-def _read_cache(path: str) -> tuple[ClusterMeasurement | None, CoreLoad | None]:
-    """(cached measurement, its disturbance if it was flagged) or (None, None)."""
+def _read_cache(path: str) -> tuple[ClusterMeasurement | None, CoreLoad | None, float | None]:
+    """(cached measurement, its disturbance if it was flagged, the speed check's reference ms).
+
+    The reference is ``check_ms`` (the whole model timed by the speed check's own procedure at the
+    end of the full measurement, so the comparison has no method bias), or whole_ms[1] in caches
+    written without it."""
     if not os.path.isfile(path):
-        return None, None
+        return None, None, None
     try:
         with open(path, encoding="utf-8") as fh:
             d = json.load(fh)
         m = ClusterMeasurement.from_dict(d)
         flagged = CoreLoad.from_dict(d["disturbed"]) if d.get("disturbed") else None
-        if 1 not in m.whole_ms or m.whole_ms[1] <= 0:
+        reference = float(d.get("check_ms") or m.whole_ms[1])
+        if not reference > 0:
             raise ValueError("no single-thread whole-model time")
-        return m, flagged
+        return m, flagged, reference
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("ignoring unreadable cost cache %s: %s", path, exc)
-        return None, None
+        return None, None, None
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -301,7 +307,7 @@ def measure_stages(model: onnx.ModelProto, graph: ModelGraph, clusters: Sequence
 
 
 def _measure_one(model, graph, cluster, layer_models, repeats, warmup, timeout, progress,
-                 preprocess, expected: list[int]) -> tuple[ClusterMeasurement, CoreLoad]:
+                 preprocess, expected: list[int]) -> tuple[ClusterMeasurement, CoreLoad, float | None]:
     from workers.profile_worker import run as profile_run
 
     spec = {
@@ -310,7 +316,7 @@ def _measure_one(model, graph, cluster, layer_models, repeats, warmup, timeout, 
         "layer_inputs": [[t.to_dict() for t in graph.boundaries[i]] for i in range(len(graph.layers))],
         "whole_inputs": [t.to_dict() for t in graph.inputs],
         "repeats": repeats, "warmup": warmup, "parent_pid": os.getpid(), "preprocess": preprocess,
-        "expected_pids": expected,
+        "expected_pids": expected, "check_repeats": CHECK_REPEATS, "check_warmup": CHECK_WARMUP,
     }
     result = _run_profiler(spec, cluster, timeout, progress, profile_run)
     m = ClusterMeasurement(cluster.name, tuple(cluster.cores),
@@ -318,4 +324,4 @@ def _measure_one(model, graph, cluster, layer_models, repeats, warmup, timeout, 
                            {int(t): float(v) for t, v in result["whole_ms"].items()},
                            {int(t): float(v) for t, v in result["empty_ms"].items()},
                            repeats, cluster.emulated_speed, result.get("preprocess_ms"))
-    return m, core_load(*result["load"])
+    return m, core_load(*result["load"]), result.get("check_ms")
