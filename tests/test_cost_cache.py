@@ -163,7 +163,7 @@ def test_disturbed_measurement_warns_and_is_not_trusted(small, tmp_path, busy_lo
     notes.clear()
     again = run(model, g, tmp_path, notes, **CALM)
     assert again.checks["one"].remeasured, "a measurement flagged as disturbed is not trusted later"
-    assert any("measured while other processes used" in n and "re-measuring" in n for n in notes), notes
+    assert any("not trusted (other processes used" in n and "re-measuring" in n for n in notes), notes
     assert not json.loads(cache_file(tmp_path, g).read_text())["disturbed"]
 
 

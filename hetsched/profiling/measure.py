@@ -142,15 +142,15 @@ def measure_clusters_checked(model: onnx.ModelProto, graph: ModelGraph, clusters
                 continue
             note(f"{verdict}: re-measuring")
         elif cached is not None:
-            note(f"cluster {cluster.name}: cached costs were measured while {flagged.describe()}: re-measuring")
+            note(f"cluster {cluster.name}: cached costs are not trusted ({flagged.describe()}): re-measuring")
         if layer_models is None:
             layer_models = [extract_stage(model, graph, i, i).SerializeToString() for i in range(len(graph.layers))]
         m, mload, check_ms = _measure_one(model, graph, cluster, layer_models, repeats, warmup, timeout, progress,
                                           preprocess, expected)
         disturbed = mload.disturbed(disturbance_limit)
         if disturbed:
-            result.warnings.append(f"cluster {cluster.name}: {mload.describe()}; costs may be too high "
-                                   "(not cached as trusted: the next start measures again)")
+            result.warnings.append(f"cluster {cluster.name}: {mload.describe()}; costs may be too high"
+                                   + (" (not trusted by the next start: it measures again)" if use_cache else ""))
             note(result.warnings[-1])
         result.measurements.append(m)
         result.checks[cluster.name] = SpeedCheck(cluster.name, check_ms or m.whole_ms[1], cached_ms, True, mload)
