@@ -9,7 +9,8 @@ Schema (every key optional; see configs/*.yaml for commented examples)::
     planner: {max_stages: 4, tie_tolerance: 0.02, allow_replicas: true, allow_pools: true, max_cut_tensors: 1,
               forced_cuts: null, objective: throughput, target_fps: null, traffic: auto,
               replan: {enabled: true, check_s: 2, min_gain: 0.1, threshold: 0.15}}
-    profile: {repeats: 30, warmup: 5, cache: true, cache_dir: null, measure: true, refine: 2}
+    profile: {repeats: 30, warmup: 5, cache: true, cache_dir: null, measure: true, refine: 2,
+              cache_tolerance: 0.10}    # re-measure a cluster whose speed moved more than this
     transport: {kind: ipc, host: 127.0.0.1, hwm: 1}
     server: {bind: tcp://127.0.0.1:5555, max_inflight: null, max_pending: 64, metrics_port: null,
              metrics_host: 127.0.0.1}
@@ -78,6 +79,7 @@ class ProfileConfig:
     cache_dir: str | None = None
     measure: bool = True
     refine: int = 2  # rounds of timing the planned stages as whole sub-models and re-planning
+    cache_tolerance: float = 0.10  # cached costs are re-measured when the whole model's speed moved more
 
 
 @dataclass(frozen=True)
@@ -341,7 +343,7 @@ def parse_config(raw: Any, path: str | None = None) -> Config:
                           "this rate, e.g. target_fps: 30)")
     profile = _section(raw, "profile", ProfileConfig, {
         "repeats": _int(3), "warmup": _int(0), "cache": _bool, "cache_dir": _opt_str, "measure": _bool,
-        "refine": _int(0)})
+        "refine": _int(0), "cache_tolerance": _float(0.0, 10.0)})
     transport = _section(raw, "transport", TransportConfig, {
         "kind": _choice("ipc", "tcp"), "host": _str, "hwm": _int(1)})
     server = _section(raw, "server", ServerConfig, {

@@ -3,7 +3,8 @@
 Started with the ``spawn`` method by ``hetsched.profiling.measure``. It pins itself *before* creating
 any onnxruntime session, then for each thread count: warms up every session, and measures in
 rounds (each round runs every layer once, the whole model once, and an empty model once) so
-drift on the core hits all alike; medians are reported through the result queue.
+drift on the core hits all alike; medians are reported through the result queue, with the CPU
+load on the pinned cores during the measurement (``hetsched.profiling.load``: was it disturbed?).
 """
 
 from __future__ import annotations
@@ -99,6 +100,9 @@ def measure(spec: dict, progress=None) -> dict:
         results["layer_ms"][threads] = ms[:n]
         results["whole_ms"][threads] = ms[n]
         results["empty_ms"][threads] = ms[n + 1]
+    if spec.get("check_repeats"):  # the start-up speed check's procedure, for an exact reference next time
+        results["check_ms"] = _time_models(ort, models[n:], feeds[n:], 1, spec["check_warmup"],
+                                           spec["check_repeats"])[0]
     # whole candidate stages (sub-models of several layers), for refining a plan
     for key, (threads, mb, ins) in spec.get("stage_models", {}).items():
         results["stage_ms"][key] = _time_models(ort, [mb], _feeds(ort, [mb], [ins]), threads, spec["warmup"],
@@ -139,6 +143,7 @@ def _measure_preprocess(spec: dict, progress) -> float:
 def run(spec: dict, queue) -> None:
     """multiprocessing target: pin, measure, put ("ok", results) or ("error", message)."""
     from hetsched.host.process import die_with_parent
+    from hetsched.profiling import load
     die_with_parent(spec["parent_pid"])
     try:
         os.sched_setaffinity(0, spec["cores"])
@@ -146,7 +151,12 @@ def run(spec: dict, queue) -> None:
         def progress(threads, done, total):
             queue.put(("progress", {"threads": threads, "done": done, "total": total}))
 
-        queue.put(("ok", measure(spec, progress)))
+        cores = spec["cores"]
+        expected = spec.get("expected_pids", ())
+        before = load.sample(cores, expected)  # other processes' CPU on these cores while we measure
+        results = measure(spec, progress)
+        results["load"] = (before, load.sample(cores, expected))
+        queue.put(("ok", results))
     except Exception as exc:  # reported to the coordinator, which raises it
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
         sys.exit(1)

@@ -132,12 +132,15 @@ def prepare(cfg: Config, *, progress: Progress | None = None, sysfs_root: str = 
             with_preprocess = False
     bbytes = graph.boundary_bytes()
     if cfg.profile.measure:
-        from hetsched.profiling.measure import measure_clusters
-        measurements = measure_clusters(model, graph, clusters, repeats=cfg.profile.repeats,
-                                        warmup=cfg.profile.warmup,
-                                        use_cache=cfg.profile.cache if use_cache is None else use_cache,
-                                        cache_dir=cfg.profile.cache_dir, progress=note,
-                                        preprocess=dataclasses.asdict(cfg.input) if with_preprocess else None)
+        from hetsched.profiling.measure import measure_clusters_checked
+        checked = measure_clusters_checked(model, graph, clusters, repeats=cfg.profile.repeats,
+                                           warmup=cfg.profile.warmup,
+                                           use_cache=cfg.profile.cache if use_cache is None else use_cache,
+                                           cache_dir=cfg.profile.cache_dir, progress=note,
+                                           preprocess=dataclasses.asdict(cfg.input) if with_preprocess else None,
+                                           tolerance=cfg.profile.cache_tolerance)
+        measurements = checked.measurements
+        warnings += checked.warnings
         costs = cost_table_from_measurements(graph.layer_names, bbytes, measurements)
         for m in measurements:
             odd = flop_sanity(graph.layer_names, [lay.flops for lay in graph.layers], costs.layer_ms[m.cluster][1])
