@@ -175,7 +175,9 @@ def test_expected_processes_are_not_disturbance(small, tmp_path, busy_loop):
     res = run(model, g, tmp_path, use_cache=False, expected_pids=[hog.pid])
     load = res.checks["one"].load
     assert load.expected_s > 0.3 * load.own_s, load  # the loop competed with the profiler at equal priority
-    assert load.foreign_s <= load.busy_s - load.own_s - load.expected_s + 1e-9
+    # /proc/stat counts in 10 ms ticks: the foreign share is what is left, never below zero
+    assert load.foreign_s <= max(0.0, load.busy_s - load.own_s - load.expected_s) + 0.03
+    assert load.foreign_s < 0.1 * load.wall_s, load
     assert not list(tmp_path.iterdir()), "use_cache=False writes nothing"
 
 

@@ -134,7 +134,7 @@ def test_hung_worker_is_detected_replaced_and_its_frames_replayed(service, squee
     stream_and_check(service, xs, want, 60, during=hang)
     assert not psutil.pid_exists(victim["pid"]) or psutil.Process(victim["pid"]).status() == psutil.STATUS_ZOMBIE
     assert service.pipe.workers[1].pid != victim["pid"]
-    assert "hung" in service.pipe.supervisor.slots[(1, 0)].last_reason
+    assert "hung" in service.pipe.supervisor.slots[service.pipe.workers[1].wid].last_reason
 
 
 def rss_tree(pid):

@@ -366,6 +366,12 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
             send_s += t_sent - t_end
             samples.append(t_end - t_start)
             t_idle_from = t_sent
+            if t_sent - t_last_stats >= interval:  # busy without a break: the heartbeat goes on
+                send_stats()
+                t_last_stats = monotonic()
+                if ctl.getsockopt(zmq.EVENTS) & zmq.POLLIN and not on_control(sp.parse_control(ctl.recv())):
+                    stop["flag"] = True
+                    break
         now = monotonic()
         if now - t_last_stats >= interval:
             send_stats()
