@@ -81,6 +81,8 @@ def run_scenario(sc: Scenario, opts: BenchOptions, note: Progress) -> dict:
                 o.wait_ready()
             with Client(service.endpoint, timeout=60) as client:
                 shm = bool(opts.shm and client.enable_shm(opts.window + 2))  # as `hetsched feed` does
+                from hetsched.host.process import quiet_garbage_collector
+                quiet_garbage_collector()  # as `hetsched feed` does
                 het = HetschedContender(service, client, opts.window, sc.speed)
                 plan = het.plan
                 res.update(plan=plan, predicted_fps=plan.get("throughput_fps"), window=opts.window,

@@ -82,6 +82,8 @@ def cmd_feed(args: argparse.Namespace) -> int:
             if tty:
                 eprint("\r  " + stats.line() + "   ", end="")
 
+        from hetsched.host.process import quiet_garbage_collector
+        quiet_garbage_collector()  # this process does nothing else: keep the collector off the hot path
         stats = feed(client, frames, fps=args.fps, duration=args.duration, count=args.count, window=args.window,
                      stream=args.stream, on_result=on_result, on_progress=on_progress, should_stop=stop,
                      reply_timeout=args.timeout)

@@ -98,6 +98,7 @@ class Client:
         self._shm_id: int | None = None
         self._free_slots: list[int] = []
         self._slot_of: dict[tuple[str, int], int] = {}
+        self._slot_views: dict[tuple, np.ndarray] = {}
         self._side: list[dict] = []  # non-frame replies seen while waiting for frame replies
         self._handshake_error: str | None = None
 
@@ -121,6 +122,7 @@ class Client:
             self._ctx.term()
             self._own_ctx = False
         if self._region is not None:
+            self._slot_views.clear()
             self._region.close()
             self._region = None
 
@@ -176,6 +178,9 @@ class Client:
         if rep.get("type") != "shm_registered":
             region.close()
             return False
+        if self._region is not None:  # a second call replaces the first region
+            self._slot_views.clear()
+            self._region.close()
         self._region, self._shm_id = region, rep["shm"]
         self._free_slots = list(range(slots))
         return True
@@ -225,10 +230,14 @@ class Client:
 
     def _submit_shm(self, head: dict, stream: str, seq: int, data: np.ndarray, fields: dict) -> int:
         slot = self._free_slots.pop()
-        np.copyto(self._region.view(slot, data.dtype.name, data.shape), data)
+        key = (slot, data.dtype.name, data.shape)
+        view = self._slot_views.get(key)
+        if view is None:  # our own region: map each slot's view once
+            view = self._slot_views[key] = self._region.view(slot, data.dtype.name, data.shape)
+        np.copyto(view, data)
         self._slot_of[(stream, seq)] = slot
         head.update(encoding="shm", shm=self._shm_id, slot=slot, **fields)
-        self.sock.send_multipart([cp.encode(head)])
+        self.sock.send(cp.encode(head))
         return seq
 
     def send_raw(self, parts: list) -> None:
@@ -266,8 +275,9 @@ class Client:
         t = self.timeout if timeout is None else timeout
         if not self.sock.poll(int(t * 1000)):
             return None
-        parts = self.sock.recv_multipart(copy=False)
-        msg = cp.json.loads(parts[0].bytes)
+        first = self.sock.recv(copy=False)
+        parts = [first] if not first.more else [first, *self.sock.recv_multipart(copy=False)]
+        msg = cp.loads(first.bytes)
         if self._slot_of and msg.get("type") in ("result", "error"):  # its shared-memory slot is free again
             slot = self._slot_of.pop((msg.get("stream"), msg.get("seq")), None)
             if slot is not None:

@@ -46,6 +46,17 @@ def keep_large_buffers(threshold: int = 64 << 20) -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 4 * threshold)
 
 
+def quiet_garbage_collector() -> None:
+    """Call once a process is set up, before its hot loop: every object that exists now (modules,
+    the model, sessions) is moved out of the collector's sight (``gc.freeze``) and young-generation
+    collections run less often. Without it the cyclic collector walked the whole heap of onnx and
+    numpy objects again and again: measured 3.6% of a stage worker's CPU."""
+    import gc
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20000, 50, 100)
+
+
 def describe_exit(code: int | None) -> str:
     """A process's exit code in words ("killed by signal 9 (SIGKILL)")."""
     if code is None:

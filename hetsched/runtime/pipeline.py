@@ -33,6 +33,7 @@ import zmq
 from hetsched.errors import HetschedError, ProtocolError, ShapeMismatch, WorkerDied
 from hetsched.host.process import describe_exit, keep_large_buffers, reap_processes
 from hetsched.model.graph import ModelGraph, extract_stage, passthrough_names
+from hetsched.model.topk import with_topk
 from hetsched.planning.plan import Plan
 from hetsched.runtime.dispatch import Dispatcher
 from hetsched.runtime.ledger import FrameRec, Hop, Ledger
@@ -193,7 +194,11 @@ class Pipeline:
         wid = 0
         for st in stages:
             path = os.path.join(self.run_dir, f"stage{st.index}.onnx")
-            onnx.save(extract_stage(self.model, self.graph, st.first_layer, st.last_layer), path)
+            sub = extract_stage(self.model, self.graph, st.first_layer, st.last_layer)
+            if st.index == last and self.topk is not None:  # the session computes the top-k itself
+                t = self.topk
+                sub = with_topk(sub, self.graph.outputs[t.output].name, t.k, t.apply_softmax)
+            onnx.save(sub, path)
             passthrough = tuple(passthrough_names(self.graph, st.first_layer, st.last_layer))
             for member, cores in st.workers():
                 spec = WorkerSpec(
@@ -354,7 +359,10 @@ class Pipeline:
                                       pixels=payload[1]), payload[0]]
             else:
                 parts = [sp.pack_work(sp.KIND_TENSORS, rec.fid, rec.attempt, rec.slot, rec.t_submit), *payload]
-        w.feed.send_multipart(parts, copy=False)  # never blocks: credits bound what a worker holds
+        if len(parts) == 1:  # never blocks: credits bound what a worker holds
+            w.feed.send(parts[0])
+        else:
+            w.feed.send_multipart(parts, copy=False)
 
     # ---------------------------------------------------------------- the loop
     def register(self, poller: zmq.Poller) -> None:
@@ -370,14 +378,10 @@ class Pipeline:
     def process(self, events: dict) -> list[FrameResult]:
         """Handle whatever of the pipeline's sockets is ready in ``events``; return finished frames."""
         done: list[FrameResult] = []
-        if self._results in events:
-            recv = self._results.recv_multipart
-            for _ in range(1000):
-                try:
-                    parts = recv(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                self._on_done(parts, done)
+        pump = False
+        if self._results in events:  # one message per turn: the caller's poll returns at once while more wait
+            self._on_done(self._results.recv_multipart(copy=False), done)
+            pump = True
         if self._ctl in events:
             self._drain_control(done)
         if not self._running:
@@ -387,7 +391,9 @@ class Pipeline:
         if now - self._last_check > 0.05:
             self._last_check = now
             self._supervise(now, done)
-        self._pump()
+            pump = True
+        if pump:
+            self._pump()
         return done
 
     def _on_done(self, parts: list, done: list[FrameResult]) -> None:

@@ -38,8 +38,18 @@ class StageRunner:
         from hetsched.wire.rings import attach_ring
         self.spec = spec
         self.sess = create_session(spec.model_path, spec.threads, spinning=spec.spinning)
+        from hetsched.model.topk import TOPK_INDICES, TOPK_SCORES
+        from hetsched.wire.stage_protocol import TOP
         self.in_names = [i.name for i in self.sess.get_inputs()]
-        self.out_names = [o.name for o in self.sess.get_outputs()]
+        names = [o.name for o in self.sess.get_outputs()]
+        self.out_names = [n for n in names if n not in (TOPK_INDICES, TOPK_SCORES)]
+        # the last stage's session computes the top-k itself (hetsched.model.topk.with_topk)
+        self.topk_names = [n for n in (TOPK_INDICES, TOPK_SCORES) if n in names]
+        slots = spec.in_ring.slots if spec.in_ring is not None else 1
+        k = spec.topk.k if spec.topk is not None else 0
+        self.top_idx = [np.empty((1, k), np.int64) for _ in range(slots)] if self.topk_names else []
+        self.top_sc = [np.empty((1, k), np.float32) for _ in range(slots)] if self.topk_names else []
+        self.top_rec = [np.empty(k, TOP) for _ in range(slots)] if self.topk_names else []
         in_pos = {t[0]: i for i, t in enumerate(spec.inputs)}
         out_pos = {t[0]: i for i, t in enumerate(spec.outputs)}
         self.in_idx = [in_pos[n] for n in self.in_names]
@@ -66,11 +76,34 @@ class StageRunner:
             for name, i in zip(self.out_names, self.out_idx):
                 a = outs[i]
                 b.bind_output(name, "cpu", 0, a.dtype, a.shape, a.ctypes.data)
+            if self.topk_names:
+                slot = len(self.ext_bindings if ins is None else self.bindings)
+                for name, a in zip(self.topk_names, (self.top_idx[slot], self.top_sc[slot])):
+                    b.bind_output(name, "cpu", 0, a.dtype, a.shape, a.ctypes.data)
         return b
+
+    def top(self, slot: int, outs: list):
+        """The last stage's top-k of this slot's frame (structured index/score), as the session computed
+        it; the numpy top-k only when the session has none or gave NaN scores."""
+        spec = self.spec.topk
+        if self.topk_names:
+            sc = self.top_sc[slot][0]
+            if sc[0] == sc[0]:  # not NaN (a NaN output would rank first in TopK)
+                rec = self.top_rec[slot]
+                rec["index"] = self.top_idx[slot][0]
+                rec["score"] = sc
+                return rec
+        from hetsched.model.topk import topk_scores
+        from hetsched.wire.stage_protocol import TOP
+        idx, scores = topk_scores(outs[spec.output], spec.k, spec.apply_softmax)
+        rec = self.np.empty(len(idx), TOP)
+        rec["index"], rec["score"] = idx, scores
+        return rec
 
     def session_info(self) -> dict:
         return {"inputs": [{"name": i.name, "shape": i.shape, "type": i.type} for i in self.sess.get_inputs()],
-                "outputs": [{"name": o.name, "shape": o.shape, "type": o.type} for o in self.sess.get_outputs()]}
+                "outputs": [{"name": o.name, "shape": o.shape, "type": o.type} for o in self.sess.get_outputs()
+                            if o.name in self.out_names]}
 
     def run_slot(self, slot: int) -> list:
         """Inputs in ring slot ``slot`` -> outputs in the output ring's slot (returned as views)."""
@@ -92,7 +125,10 @@ class StageRunner:
     def run_arrays(self, arrays: list) -> list:
         """tcp:// path: inputs as arrays in boundary order -> outputs in boundary order (new arrays)."""
         feed = {n: arrays[i] for n, i in zip(self.in_names, self.in_idx)}
-        res = self.sess.run(self.out_names, feed)
+        res = self.sess.run(self.out_names + self.topk_names, feed)
+        if self.topk_names:
+            self.top_idx[0][...], self.top_sc[0][...] = res[-2], res[-1]
+            res = res[:-2]
         outs: list = [None] * len(self.spec.outputs)
         for r, i in zip(res, self.out_idx):
             outs[i] = r
@@ -180,6 +216,8 @@ def main(spec: WorkerSpec) -> int:
                 if msg["type"] == "STOP":
                     return 0
                 early.append(msg)
+        from hetsched.host.process import quiet_garbage_collector
+        quiet_garbage_collector()
         ctl.send(control("RUNNING", stage=spec.stage, worker=spec.worker))
         return serve(spec, runner, inp, out, ctl, stop, early)
     except Exception as exc:
@@ -207,7 +245,6 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
     import zmq
 
     from hetsched.errors import ProtocolError
-    from hetsched.model.topk import topk_scores
     from hetsched.wire import stage_protocol as sp
     from hetsched.wire.shm import attach_region
 
@@ -224,7 +261,6 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
     regions: dict[int, object] = {}
     in_dtype, in_shape = (spec.inputs[0][1], spec.inputs[0][2]) if spec.inputs else (None, None)
     topk = spec.topk
-    top_dtype = sp.TOP
     tcp = spec.in_ring is None
     poller = zmq.Poller()
     poller.register(inp, zmq.POLLIN)
@@ -241,7 +277,8 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
     t_last_stats = t_idle_from = monotonic()
     recv = inp.recv_multipart
     send = out.send_multipart
-    NOBLOCK = zmq.NOBLOCK
+    send1 = out.send
+    NOBLOCK = int(zmq.NOBLOCK)
 
     def send_stats(final: bool = False) -> None:
         nonlocal samples
@@ -268,14 +305,14 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
     for msg in early:
         on_control(msg)
     while not stop["flag"]:
-        if not poller.poll(min(100, int(interval * 1000))):
+        events = dict(poller.poll(min(100, int(interval * 1000))))
+        if not events:
             if monotonic() - t_last_stats >= interval:
                 send_stats()
                 t_last_stats = monotonic()
             continue
-        if ctl.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            if not on_control(sp.parse_control(ctl.recv())):
-                break
+        if ctl in events and not on_control(sp.parse_control(ctl.recv())):
+            break
         while True:
             try:
                 parts = recv(NOBLOCK, copy=False)
@@ -334,11 +371,7 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
                     raise ProtocolError("BAD_FRAMES", "tensors in frames on a shared-memory link")
                 t_end = monotonic()
                 cpu_s += cpu_clock() - c0
-                top = None
-                if topk is not None:
-                    idx, scores = topk_scores(outs[topk.output], topk.k, topk.apply_softmax)
-                    top = np.empty(len(idx), top_dtype)
-                    top["index"], top["score"] = idx, scores
+                top = runner.top(0 if tcp else w.slot, outs) if topk is not None else None
                 head = sp.pack_done(stage, wid, w.frame_id, w.attempt, w.slot, t_recv, t_start, t_end, top)
                 msg = [head, *(np.ascontiguousarray(a) for a in outs)] if tcp else [head]
             except Exception as exc:  # a bad frame must not kill the stage
@@ -349,7 +382,10 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
                        text.encode("utf-8", "replace")]
                 t_start = t_end = monotonic()
             try:
-                send(msg, NOBLOCK, copy=tcp)
+                if len(msg) == 1:
+                    send1(msg[0], NOBLOCK)
+                else:
+                    send(msg, NOBLOCK, copy=tcp)
             except zmq.Again:  # the coordinator is not reading: wait (heartbeats go on)
                 while not stop["flag"]:
                     if out.poll(50, zmq.POLLOUT):

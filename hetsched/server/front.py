@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 
 IDLE_CLIENT_S = 60.0
+_SNDMORE = int(zmq.SNDMORE)
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 MAX_TRACKED_STREAMS = 10000
 
 
@@ -51,7 +53,7 @@ class _Entry:
     reply: list | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: kept in the set of clients with queued replies
 class _Client:
     identity: bytes
     streams: dict[str, deque] = field(default_factory=dict)
@@ -148,6 +150,8 @@ class Server:
         self.accepting = True
         self.counters = ServiceCounters()
         self.t_start = self._last_prune = time.monotonic()
+        self._next_housekeeping = self.t_start
+        self._outbox_dirty: set[_Client] = set()  # clients with queued replies
         self.traces: deque = deque(maxlen=cp.MAX_TRACE_FRAMES)  # (frame_id, t_submit, hops, t_done)
         self.stream_progress: OrderedDict[str, int] = OrderedDict()  # stream -> last seq replied
         self._in_expected = (pipeline.graph.inputs[0].dtype, pipeline.graph.inputs[0].shape)
@@ -156,6 +160,8 @@ class Server:
     # ------------------------------------------------------------------ loop
     def serve(self, should_stop: Callable[[], bool], on_tick: Callable[["Server"], None] | None = None,
               tick_s: float = 1.0, drain_timeout: float = 10.0) -> None:
+        from hetsched.host.process import quiet_garbage_collector
+        quiet_garbage_collector()
         poller = zmq.Poller()
         poller.register(self.front, zmq.POLLIN)
         self.pipe.register(poller)
@@ -168,18 +174,23 @@ class Server:
         self.drain(poller, drain_timeout)
 
     def step(self, poller: zmq.Poller, timeout_ms: int) -> None:
+        """One turn of the loop: at most one client message, what the pipeline has ready, replies.
+
+        Lean on purpose (it runs for every message on the data path): one message per ready socket
+        and turn (the poll returns at once while more are queued), housekeeping a few times a second."""
         events = dict(poller.poll(timeout_ms))
-        if self.auth is not None:
-            self.counters.auth_rejected = self.auth.rejected
         if self.front in events:
-            for _ in range(256):  # drain what is queued without raising zmq.Again at the end
-                if not self.front.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    break
-                self._on_client(self.front.recv_multipart(copy=False))
+            self._on_client(self.front.recv_multipart(copy=False))
         for res in self.pipe.process(events):
             self._on_result(res)
-        self._pump()
-        self._flush_all()
+        if self.pending:
+            self._pump()
+        if self._outbox_dirty:
+            self._flush_all()
+        now = time.monotonic()
+        if now >= self._next_housekeeping:
+            self._next_housekeeping = now + 0.25
+            self._housekeeping(now)
 
     def drain(self, poller: zmq.Poller, timeout: float) -> None:
         """Stop accepting; finish accepted frames within ``timeout``; error the rest; flush replies."""
@@ -221,6 +232,7 @@ class Server:
 
     def _reply_now(self, client: _Client, parts: list) -> None:
         client.outbox.append(parts)
+        self._outbox_dirty.add(client)
 
     def _on_client(self, parts: list) -> None:
         if len(parts) < 2:
@@ -395,6 +407,7 @@ class Server:
         while q and q[0].reply is not None:
             e = q.popleft()
             client.outbox.append(e.reply)
+            self._outbox_dirty.add(client)
             client.delivered[job.stream] = e.seq
             self.stream_progress[job.stream] = e.seq
             self.stream_progress.move_to_end(job.stream)
@@ -404,28 +417,42 @@ class Server:
             del client.streams[job.stream]
 
     def _flush_all(self) -> None:
+        """Send what the clients with queued replies are owed, without ever blocking."""
         gone = []
-        for client in self.clients.values():
-            while client.outbox:
+        send = self.front.send
+        for client in list(self._outbox_dirty):
+            outbox = client.outbox
+            while outbox:
+                parts = outbox[0]
                 try:
-                    self.front.send_multipart([client.identity, *client.outbox[0]], flags=zmq.NOBLOCK, copy=False)
+                    send(client.identity, _SNDMORE_NOBLOCK)  # a slow client: EAGAIN here, others go on
                 except zmq.Again:
-                    break  # this client is slow; others go on
+                    break
                 except zmq.ZMQError as exc:
                     if exc.errno == zmq.EHOSTUNREACH:
                         gone.append(client)
                         break
                     raise
-                client.outbox.popleft()
-            if len(client.outbox) > self.limits.max_outbox:
+                for p in parts[:-1]:
+                    send(p, _SNDMORE, copy=False)
+                send(parts[-1], 0, copy=False)
+                outbox.popleft()
+            if not outbox:
+                self._outbox_dirty.discard(client)
+            elif len(outbox) > self.limits.max_outbox:
                 log.warning("client %r does not read its replies; dropping its %d queued replies",
-                            client.identity, len(client.outbox))
-                client.outbox.clear()
+                            client.identity, len(outbox))
+                outbox.clear()
+                self._outbox_dirty.discard(client)
         for client in gone:
             if client.inflight == 0:
                 self.clients.pop(client.identity, None)
             client.outbox.clear()
-        now = time.monotonic()
+            self._outbox_dirty.discard(client)
+
+    def _housekeeping(self, now: float) -> None:
+        if self.auth is not None:
+            self.counters.auth_rejected = self.auth.rejected
         if now - self._last_prune > 10.0:  # forget idle clients that are owed nothing
             self._last_prune = now
             for ident in [i for i, c in self.clients.items() if c.inflight == 0 and not c.streams
