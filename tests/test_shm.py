@@ -384,7 +384,8 @@ def test_region_cache_notices_replaced_and_removed_files(shm_paths):
 
 @pytest.mark.timeout(120)
 def test_region_truncated_after_registration_is_refused_at_submit(service, squeezenet):
-    """The coordinator re-checks the size before it hands a slot to stage 0; other frames go on."""
+    """Stage 0 checks the file before it reads a slot (the coordinator checks only what the client
+    names): the frame gets BAD_SHM saying why, other frames go on."""
     model, g = squeezenet
     x = random_inputs(g.inputs, seed=4)["data"]
     from hetsched.wire import client_protocol as cp

@@ -53,7 +53,7 @@ SRC_RING, SRC_REGION, SRC_BYTES, SRC_TENSORS, SRC_PIXELS = "ring", "region", "by
 class FrameResult:
     frame_id: int
     outputs: list[np.ndarray]
-    top: np.ndarray | None
+    top: tuple | None  # flat (index, score, ...) of the last stage's top-k
     hops: list[Hop]
     t_submit: float
     t_done: float

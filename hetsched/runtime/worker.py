@@ -259,6 +259,7 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
             return pixels_to_input(w.pixels, payload, width=w.width, height=w.height, color=w.color,
                                    cfg=spec.preprocess, limits=limits)
     regions: dict[int, object] = {}
+    region_errors: dict[int, str] = {}  # why a region could not be mapped (said in its frames' errors)
     in_dtype, in_shape = (spec.inputs[0][1], spec.inputs[0][2]) if spec.inputs else (None, None)
     topk = spec.topk
     tcp = spec.in_ring is None
@@ -294,7 +295,8 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
         if kind == "REGION":  # a client's shared-memory region (stage 0): map it once
             try:
                 regions[int(msg["id"])] = attach_region(msg["name"], msg["slots"], msg["slot_bytes"])
-            except Exception as exc:  # the coordinator checked it; a vanished file fails its frames later
+            except Exception as exc:  # the coordinator checked it; the region changed since: its frames fail
+                region_errors[int(msg["id"])] = getattr(exc, "detail", None) or str(exc)
                 logging.getLogger("hetsched.worker").warning("cannot map region %s: %s", msg.get("name"), exc)
         elif kind == "UNREGION":
             r = regions.pop(int(msg["id"]), None)
@@ -346,7 +348,8 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
                             stop["flag"] = True
                         region = regions.get(w.region)
                     if region is None:
-                        raise ProtocolError("BAD_SHM", f"shared-memory region {w.region} is not mapped here")
+                        raise ProtocolError("BAD_SHM", region_errors.get(
+                            w.region, f"shared-memory region {w.region} is not mapped here"))
                     if w.pixels is None:
                         outs = runner.run_external(w.slot, region.view(w.region_slot, in_dtype, in_shape))
                     elif convert is None:

@@ -293,7 +293,7 @@ class Server:
                     raise ProtocolError("BAD_SHM", f"a {sub.width}x{sub.height} {sub.pixels} frame needs {n} bytes, "
                                                    f"the region's slots hold {region.slot_bytes}")
                 check_pixels(sub.pixels, n, sub.width, sub.height, sub.color, self.image_limits)
-                region.view(sub.slot, "uint8", (n,))  # checks the slot
+                region.check_slot(sub.slot, "uint8", (n,))
                 data, kind = (region.global_id, sub.slot, pix), "shm"
             else:
                 check_pixels(sub.pixels, len(payload.buffer), sub.width, sub.height, sub.color, self.image_limits)
@@ -308,7 +308,7 @@ class Server:
             if (sub.dtype, sub.shape) != self._in_expected:
                 raise ProtocolError("SHAPE_MISMATCH", f"got {sub.dtype}{list(sub.shape)}, model input is "
                                                       f"{self._in_expected[0]}{list(self._in_expected[1])}")
-            region.view(sub.slot, sub.dtype, sub.shape)  # checks the slot and its size
+            region.check_slot(sub.slot, sub.dtype, sub.shape)  # arithmetic only: stage 0 checks the file
             data = (region.global_id, sub.slot, None)
             kind = "shm"
         else:
@@ -378,9 +378,9 @@ class Server:
             return
         self.traces.append((res.frame_id, res.t_submit, res.hops, res.t_done))
         top = []
-        if res.top is not None:
-            labels = self.labels
-            for i, score in zip(res.top["index"].tolist(), res.top["score"].tolist()):
+        if res.top:
+            labels, t = self.labels, res.top
+            for i, score in zip(t[0::2], t[1::2]):
                 item = {"index": i, "score": score}
                 if labels is not None:
                     item["label"] = labels[i]

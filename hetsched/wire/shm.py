@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hetsched.errors import ProtocolError
+from hetsched.wire.dtypes import ITEMSIZE
 
 SHM_DIR = "/dev/shm"
 NAME_RE = re.compile(r"^hetsched-[A-Za-z0-9_-]{1,64}$")
@@ -114,10 +115,18 @@ class Region:
             raise ProtocolError("BAD_SLOT", f"slot {slot} outside 0..{self.slots - 1}")
         dims = [int(d) for d in shape]
         count = math.prod(dims)  # exact (np.prod wraps around on hostile shapes)
-        n = count * np.dtype(dtype).itemsize
+        size = ITEMSIZE.get(dtype)
+        if size is None:
+            raise ProtocolError("BAD_DTYPE", f"dtype {dtype!r} cannot be read from shared memory")
+        n = count * size
         if not dims or min(dims) <= 0 or n > self.slot_bytes:
             raise ProtocolError("SHAPE_MISMATCH", f"{dtype}{list(shape)} needs {n} bytes, slots hold {self.slot_bytes}")
         return count, slot * self.slot_bytes
+
+    def check_slot(self, slot: int, dtype: str, shape: tuple[int, ...]) -> None:
+        """Refuse (BAD_SLOT / SHAPE_MISMATCH) a slot or tensor that does not fit, without touching the
+        file (the coordinator checks what a client names; the worker that reads it checks the file)."""
+        self._extent(slot, dtype, shape)
 
     def view(self, slot: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
         """The slot in place (no copy), after the size check. Touching it is only safe while the

@@ -89,7 +89,7 @@ class Done:
     t_recv: float
     t_start: float
     t_end: float
-    top: np.ndarray  # structured (index, score), possibly empty
+    top: tuple  # flat (index, score, index, score, ...), possibly empty
 
 
 def pack_work(kind: int, frame_id: int, attempt: int, slot: int, t_submit: float, flags: int = 0,
@@ -131,7 +131,7 @@ def unpack_done(buf: Any) -> Done:
     magic, kind, stage, attempt, slot, worker, code, n_top, fid, t_recv, t_start, t_end = DONE.unpack_from(buf, 0)
     if magic != MAGIC or kind not in (KIND_DONE, KIND_FAILED) or n != DONE.size + n_top * TOP.itemsize:
         raise ProtocolError("BAD_HEADER", f"not a done header (magic {magic!r}, kind {kind}, {n} bytes)")
-    top = np.frombuffer(buf, dtype=TOP, count=n_top, offset=DONE.size) if n_top else np.empty(0, TOP)
+    top = struct.unpack_from("<" + "If" * n_top, buf, DONE.size) if n_top else ()  # no numpy on this path
     err = ERROR_CODES[code] if kind == KIND_FAILED and code < len(ERROR_CODES) else (
         "STAGE_FAILED" if kind == KIND_FAILED else None)
     return Done(kind, stage, attempt, slot, worker, err, fid, t_recv, t_start, t_end, top)
