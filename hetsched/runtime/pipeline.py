@@ -78,7 +78,8 @@ class Pipeline:
                  start_timeout: float = 60.0, stats_interval: float = 0.25, spinning: bool | None = None,
                  run_dir: str | None = None, preprocess: Any = None, image_limits: Any = None,
                  heartbeat_timeout: float = 1.0, topk: TopkSpec | None = None, max_failures: int = 2,
-                 frame_ids: Iterator[int] | None = None, generation: int = 0):
+                 frame_ids: Iterator[int] | None = None, generation: int = 0, launcher: Any = None,
+                 endpoint_host: Any = None):
         """``preprocess``: an InputConfig: stage 0's workers also decode JPEG/PNG frames into the model
         input (whichever worker takes the frame). ``topk``: the last stage reports the top-k classes."""
         self.model, self.graph, self.plan = model, graph, plan
@@ -116,6 +117,9 @@ class Pipeline:
         self._last_check = 0.0
         self._in_expected = [(t.dtype, tuple(t.shape)) for t in graph.inputs]
         self._tcp = transport == "tcp"
+        # how workers are started (hetsched.runtime.workers.local_launcher by default) and, over tcp://,
+        # which address each worker binds (a callable WorkerSpec-less (stage, worker, cores) -> host)
+        self.launcher, self.endpoint_host = launcher, endpoint_host
         # called with (cluster, measured compute ms, predicted layers ms) for every frame a worker did
         self.observer: Any = None
 
@@ -135,6 +139,11 @@ class Pipeline:
     # ---------------------------------------------------------------- start
     def _endpoint(self, name: str) -> str:
         return f"tcp://{self.host}:*" if self._tcp else f"ipc://{os.path.join(self.run_dir, name)}"
+
+    def _worker_endpoint(self, wid: int, stage: int, cores) -> str:
+        if self._tcp and self.endpoint_host is not None:
+            return f"tcp://{self.endpoint_host(stage, wid, tuple(cores))}:*"
+        return self._endpoint(f"w{wid}")
 
     def start(self) -> "Pipeline":
         """Start every worker and wait (bounded) until all run."""
@@ -204,7 +213,8 @@ class Pipeline:
                 spec = WorkerSpec(
                     stage=st.index, worker=wid, cores=tuple(cores), threads=member.threads, model_path=path,
                     inputs=_descs(bounds[st.index]), outputs=_descs(bounds[st.index + 1]), passthrough=passthrough,
-                    data_endpoint=self._endpoint(f"w{wid}"), results_endpoint=results_ep, ctl_endpoint=ctl_ep,
+                    data_endpoint=self._worker_endpoint(wid, st.index, cores), results_endpoint=results_ep,
+                    ctl_endpoint=ctl_ep,
                     parent_pid=os.getpid(), in_ring=ring_specs[st.index], out_ring=ring_specs[st.index + 1],
                     preprocess=self.preprocess if st.index == 0 else None,
                     image_limits=dataclasses.asdict(self.image_limits) if (st.index == 0 and self.image_limits) else None,
@@ -218,7 +228,7 @@ class Pipeline:
                 self.dispatcher.add(wid, st.index, member.service_ms / 1e3, self.credits)
                 wid += 1
         for w in self.workers:
-            w.spawn()
+            w.spawn(self.launcher)
 
     def _on_all_running(self) -> None:
         now = time.monotonic()
@@ -521,7 +531,7 @@ class Pipeline:
                             sup.slots[w.wid].restarts)
                 w.process.join(0)
                 w.retire_counters()
-                w.spawn()
+                w.spawn(self.launcher)
             elif action.kind == "recovered" and sup.t_failure is not None:
                 self.recovery_times.append(now - sup.t_failure)
 

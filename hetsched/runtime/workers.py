@@ -18,6 +18,20 @@ from hetsched.wire.dtypes import ORT_TO_NUMPY
 
 log = logging.getLogger(__name__)
 
+def local_launcher(spec: WorkerSpec) -> Any:
+    """Start a worker on this host: a ``spawn``-ed process (a fresh interpreter, nothing inherited but
+    the spec). A launcher is any callable spec -> process handle with ``pid``, ``is_alive()``,
+    ``exitcode``, ``kill()``, ``terminate()`` and ``join(timeout)`` (as multiprocessing.Process);
+    hetsched.runtime.pipeline.Pipeline takes another one to place workers elsewhere."""
+    from hetsched.runtime.worker import run as worker_run
+    proc = mp.get_context("spawn").Process(target=worker_run, args=(spec,), name=f"hetsched-s{spec.stage}w{spec.worker}",
+                                           daemon=True)
+    proc.start()
+    return proc
+
+
+Launcher = Any  # Callable[[WorkerSpec], process handle], see local_launcher
+
 STAT_KEYS = ("frames", "errors", "wait_s", "compute_s", "send_s", "input_s", "compute_cpu_s")
 MAX_SAMPLES = 4096
 
@@ -61,11 +75,8 @@ class WorkerHandle:
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
-    def spawn(self) -> None:
-        from hetsched.runtime.worker import run as worker_run
-        self.process = mp.get_context("spawn").Process(target=worker_run, args=(self.spec,),
-                                                       name=f"hetsched-s{self.stage}w{self.wid}", daemon=True)
-        self.process.start()
+    def spawn(self, launcher: "Launcher | None" = None) -> None:
+        self.process = (launcher or local_launcher)(self.spec)
         self.ready, self.running = None, False
 
     def retire_counters(self) -> None:
