@@ -661,3 +661,49 @@ def test_the_doc_matches_the_code():
     raw = bytes.fromhex("".join(line[6:53] for line in hexdump.strip().splitlines()))
     assert raw == cp.encode({"type": "submit", "stream": "cam0", "seq": 0, "encoding": "jpeg"})
     assert f"{len(raw)} bytes" in text
+
+
+# every error code of the doc's table, and where it is produced by a real message
+ELSEWHERE = {  # codes that need a particular service state, each shown by a test of its own
+    "BUSY": "test_busy_when_the_pending_queue_is_full",
+    "LIMIT": "test_per_client_limits_and_a_raw_only_service",
+    "NO_PREPROCESS": "test_per_client_limits_and_a_raw_only_service",
+    "SHUTTING_DOWN": "test_stopping_service_refuses_new_frames_and_times_out_unfinished_ones",
+    "TIMEOUT": "test_stopping_service_refuses_new_frames_and_times_out_unfinished_ones",
+    "FRAME_FAILED": "tests/test_reliability.py::test_a_poison_frame_is_failed_after_two_lost_workers_and_the_others_go_on",
+    # no client message the service checks can cause it: the code of an unexpected exception in a
+    # stage, sent by the same error path as the ordered codes (e.g. the ordered BAD_SHM of test_shm.py)
+    "STAGE_FAILED": "tests/test_shm.py::test_region_truncated_after_registration_is_refused_at_submit (same path)",
+}
+
+
+@pytest.mark.timeout(120)
+def test_every_documented_error_code_is_sent_by_the_service(service):
+    """Each code in docs/protocol.md's table: a real message that gets it, on the live service (or
+    the test that shows it, for codes that need a particular state of the service)."""
+    documented = set(re.findall(r"^\| `([A-Z_]+)` \|", doc_text(), re.M))
+    x = np.zeros((1, 3, 224, 224), np.float32)
+    sub = {"type": "submit", "stream": "e", "seq": 0}
+    cases = {
+        "BAD_HEADER": [b"not json"],
+        "BAD_VERSION": [json.dumps({"v": 2, "type": "hello"}).encode()],
+        "BAD_TYPE": [header(type="fetch")],
+        "BAD_FRAMES": [header(**sub, encoding="raw", dtype="float32", shape=[1, 3, 224, 224])],
+        "BAD_IMAGE": [header(**sub, encoding="jpeg"), b"GIF89a not a jpeg at all"],
+        "IMAGE_TOO_SMALL": [header(**sub, encoding="png"), image_bytes("PNG", 4, 4)],
+        "TOO_LARGE": [header(**sub, encoding="raw", dtype="float32", shape=[1, 1 << 20, 1 << 20, 1]), b"x"],
+        "BAD_DTYPE": [header(**sub, encoding="raw", dtype="complex64", shape=[1, 3, 224, 224]), x.tobytes()],
+        "SHAPE_MISMATCH": [header(**sub, encoding="raw", dtype="float32", shape=[1, 3, 200, 200]), x.tobytes()],
+        "SIZE_MISMATCH": [header(**sub, encoding="rgb24", width=64, height=48), bytes(100)],
+        "IMAGE_TOO_LARGE": [header(**sub, encoding="rgb24", width=20000, height=8), bytes(20000 * 8 * 3)],
+        "BAD_SHM": [header(**sub, encoding="shm", shm=7, slot=0, dtype="float32", shape=[1, 3, 224, 224])],
+    }
+    with service.client() as c:
+        assert c.enable_shm(slots=2)
+        cases["BAD_SLOT"] = [header(**sub, encoding="shm", shm=0, slot=5, dtype="float32", shape=[1, 3, 224, 224])]
+        for code, parts in cases.items():
+            c.send_raw(parts)
+            rep = c.recv(20)
+            assert rep["type"] == "error" and rep["code"] == code, (code, rep)
+    service.assert_alive()
+    assert documented == set(cases) | set(ELSEWHERE), documented ^ (set(cases) | set(ELSEWHERE))

@@ -225,11 +225,89 @@ def test_sigterm_during_load_answers_every_accepted_frame(tmp_path):
 @pytest.mark.timeout(60)
 def test_reconnecting_client_asks_which_frames_are_done(service, squeezenet):
     xs, _ = reference_pool(squeezenet, n=2)
-    with Client(service.server.endpoint, timeout=30) as c:
+    with Client(service.server.endpoint, timeout=30, identity=b"camera-7") as c:
         for i in range(5):
             c.submit(xs[i % 2], stream="cam7")
         list(c.replies(expect=5))
-    with Client(service.server.endpoint, timeout=30) as c2:   # a new connection, same stream id
+    with Client(service.server.endpoint, timeout=30, identity=b"camera-7") as c2:  # a new connection, same client
         q = c2.query("cam7")
         assert q["last_delivered"] == 4 and q["pending"] == []
         assert c2.stats()["supervision"]["restarts"] == 0
+    with Client(service.server.endpoint, timeout=30) as other:  # another client asking about that stream name
+        assert other.query("cam7") == {"v": 1, "type": "query", "stream": "cam7", "last_delivered": None,
+                                       "pending": []}
+
+
+def test_two_clients_with_the_same_stream_name_cannot_see_each_others_state(service, squeezenet):
+    xs, _ = reference_pool(squeezenet, n=1)
+    with Client(service.server.endpoint, timeout=30, identity=b"alice") as a, \
+            Client(service.server.endpoint, timeout=30, identity=b"bob") as b:
+        for _ in range(3):
+            a.submit(xs[0], stream="shared")
+        list(a.replies(expect=3))
+        b.submit(xs[0], stream="shared")
+        list(b.replies(expect=1))
+        assert a.query("shared")["last_delivered"] == 2
+        assert b.query("shared")["last_delivered"] == 0
+        # a control reply echoes the client's id, so replies without stream/seq can be matched
+        a.sock.send_multipart([b'{"v":1,"type":"query","stream":"shared","id":"q-1"}'])
+        rep = a.recv(10)
+        assert rep["id"] == "q-1" and rep["last_delivered"] == 2
+
+
+def big_jpeg(w: int = 6000, h: int = 5000) -> bytes:
+    """A 30-megapixel photo-like JPEG: decoding it holds a worker for a few hundred milliseconds."""
+    import io
+    from PIL import Image
+    yy, xx = np.mgrid[0:h:8, 0:w:8]
+    small = np.stack([xx % 256, yy % 256, (xx + yy) % 256], axis=2).astype(np.uint8)
+    img = Image.fromarray(small).resize((w, h))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.timeout(240)
+def test_a_poison_frame_is_failed_after_two_lost_workers_and_the_others_go_on(squeezenet, tmp_path):
+    """A frame whose processing kills its worker (here: its worker is SIGKILLed every time it is
+    decoding that frame) is replayed once, then answered with FRAME_FAILED; the frame queued behind
+    it on the same worker, and another client's stream, are answered normally."""
+    from hetsched.config import InputConfig
+    from hetsched.model.preprocess import ImageLimits
+    model, g = squeezenet
+    pipe = Pipeline(model, g, manual_plan(g, [((1,), 0, 22, 1, 1)]), heartbeat_timeout=5.0, topk=topk5(),
+                    preprocess=InputConfig(), image_limits=ImageLimits())
+    pipe.start()
+    server = Server(pipe, f"ipc://{tmp_path}/c.sock")
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(stop.is_set,), daemon=True)
+    thread.start()
+    try:
+        xs, want = reference_pool(squeezenet, n=2)
+        poison = big_jpeg()
+        with Client(server.endpoint, timeout=60) as a, Client(server.endpoint, timeout=60) as b:
+            a.submit(poison, stream="poison")                      # the poison frame: the first in flight
+            a.submit(xs[1], stream="poison", want_outputs=True)    # queued behind it on the same worker
+            for kill in range(2):
+                pid = wait_for(lambda: pipe.workers[0].running and pipe.ledger.frames.get(0) is not None
+                               and pipe.ledger.frames[0].worker is not None and pipe.workers[0].pid,
+                               timeout=60, what="the poison frame on a running worker")
+                assert pipe.ledger.frames[0].attempt == kill
+                os.kill(pid, signal.SIGKILL)
+                wait_for(lambda: pipe.workers[0].pid != pid or pipe.ledger.frames.get(0) is None,
+                         timeout=30, what="the worker to be replaced")
+            first, second = a.recv(60), a.recv(60)
+            assert first["type"] == "error" and first["code"] == "FRAME_FAILED" and first["seq"] == 0, first
+            assert "2 times" in first["message"]
+            assert second["type"] == "result" and second["seq"] == 1
+            assert np.abs(second["arrays"][0] - want[1]).max() <= 1e-4
+            for i in range(4):                                     # the service goes on, for everyone
+                b.submit(xs[i % 2], stream="other")
+            assert [r["type"] for r in b.replies(4, timeout=60)] == ["result"] * 4
+            st = b.stats()
+        assert st["failed_by_code"] == {"FRAME_FAILED": 1} and st["supervision"]["restarts"] == 2
+    finally:
+        stop.set()
+        thread.join(30)
+        server.close()
+        pipe.stop(drain_timeout=0)

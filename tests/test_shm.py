@@ -19,7 +19,7 @@ from hetsched.client import Client
 from hetsched.runtime.pipeline import Pipeline
 from hetsched.errors import ProtocolError
 from hetsched.model.graph import random_inputs
-from hetsched.server.front import Server
+from hetsched.server.front import Server, _Client
 from hetsched.wire import shm
 from hetsched.wire.shm import RegionCache, attach_region, attached_count, create_region
 
@@ -94,7 +94,7 @@ def test_unregistered_region_and_tcp_are_refused(squeezenet, service):
     tcp = Server(pipe, "tcp://127.0.0.1:*")
     try:
         with pytest.raises(ProtocolError, match="ipc://"):
-            tcp._register_shm(tcp._client(b"x"), {"name": "hetsched-x", "slots": 1, "slot_bytes": 1})
+            tcp._register_shm(tcp.clients.setdefault(b"x", _Client(b"x")), {"name": "hetsched-x", "slots": 1, "slot_bytes": 1})
     finally:
         tcp.close()
 

@@ -55,13 +55,13 @@ class _Entry:
 
 @dataclass(eq=False)  # hashed by identity: kept in the set of clients with queued replies
 class _Client:
-    identity: bytes
+    identity: bytes                      # the connection's ROUTER identity
+    key: str = ""                        # who it is: its CURVE public key, else its socket identity
     streams: dict[str, deque] = field(default_factory=dict)
     outbox: deque = field(default_factory=deque)
     inflight: int = 0
     frames: int = 0
     last_seen: float = 0.0
-    delivered: dict[str, int] = field(default_factory=dict)  # stream -> last seq replied
     regions: dict[int, Any] = field(default_factory=dict)    # shared-memory input regions (hetsched.wire.shm)
 
 
@@ -132,6 +132,7 @@ class Server:
             self.front = self._ctx.socket(zmq.ROUTER)
             self.front.setsockopt(zmq.LINGER, 0)
             self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self.front.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting with its identity takes over
             self.front.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
             self.front.setsockopt(zmq.SNDHWM, 1000)
             self.front.setsockopt(zmq.RCVHWM, 1000)
@@ -153,7 +154,12 @@ class Server:
         self._next_housekeeping = self.t_start
         self._outbox_dirty: set[_Client] = set()  # clients with queued replies
         self.traces: deque = deque(maxlen=cp.MAX_TRACE_FRAMES)  # (frame_id, t_submit, hops, t_done)
-        self.stream_progress: OrderedDict[str, int] = OrderedDict()  # stream -> last seq replied
+        # (client key, stream) -> last seq replied: stream state belongs to one client (docs/security.md)
+        self.stream_progress: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self.dropped_requests = 0  # requests of clients that do not read their replies (outbox full)
+        self.loop_max_s = 0.0      # the longest turn of the loop since the start
+        self._loop_recent: deque = deque(maxlen=64)  # (time, longest turn in the last quarter second)
+        self._loop_window_max = 0.0
         self._in_expected = (pipeline.graph.inputs[0].dtype, pipeline.graph.inputs[0].shape)
         self._out_names = [t.name for t in pipeline.graph.outputs]
 
@@ -179,6 +185,7 @@ class Server:
         Lean on purpose (it runs for every message on the data path): one message per ready socket
         and turn (the poll returns at once while more are queued), housekeeping a few times a second."""
         events = dict(poller.poll(timeout_ms))
+        t0 = time.perf_counter()
         if self.front in events:
             self._on_client(self.front.recv_multipart(copy=False))
         for res in self.pipe.process(events):
@@ -191,6 +198,9 @@ class Server:
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + 0.25
             self._housekeeping(now)
+        turn = time.perf_counter() - t0
+        if turn > self._loop_window_max:
+            self._loop_window_max = turn
 
     def drain(self, poller: zmq.Poller, timeout: float) -> None:
         """Stop accepting; finish accepted frames within ``timeout``; error the rest; flush replies."""
@@ -223,12 +233,26 @@ class Server:
             self._own_ctx = False
 
     # ------------------------------------------------------------------ client messages
-    def _client(self, identity: bytes) -> _Client:
+    def _client(self, parts: list) -> _Client:
+        identity = parts[0].bytes
         c = self.clients.get(identity)
         if c is None:
-            c = self.clients[identity] = _Client(identity)
+            c = self.clients[identity] = _Client(identity, key=self._client_key(parts[1], identity))
         c.last_seen = time.monotonic()
         return c
+
+    def _client_key(self, frame: Any, identity: bytes) -> str:
+        """Who a connection is, for the state that outlives it (streams, ``query``): its CURVE public
+        key when the socket authenticates clients, else its socket identity (a client that sets one,
+        ``Client(identity=...)``, finds its streams again after reconnecting)."""
+        if self.auth is not None:
+            try:
+                user = frame.get("User-Id")
+            except (zmq.ZMQError, AttributeError):
+                user = None
+            if user:
+                return "curve:" + user
+        return "id:" + identity.hex()
 
     def _reply_now(self, client: _Client, parts: list) -> None:
         client.outbox.append(parts)
@@ -237,38 +261,50 @@ class Server:
     def _on_client(self, parts: list) -> None:
         if len(parts) < 2:
             return
-        client = self._client(parts[0].bytes)
-        stream = seq = None
+        client = self._client(parts)
+        if len(client.outbox) >= self.limits.max_outbox:
+            # it does not read its replies: no new requests until it does (what it is owed stays queued)
+            self.dropped_requests += 1
+            if self.dropped_requests in (1, 100) or self.dropped_requests % 10000 == 0:
+                log.warning("client %s does not read its replies (%d queued): %d request(s) dropped so far",
+                            client.key, len(client.outbox), self.dropped_requests)
+            return
+        stream = seq = rid = None
         try:
             msg = cp.decode_header(parts[1].buffer)
             t = msg["type"]
-            if t == "hello":
-                self._reply_now(client, [cp.encode(self.hello())])
-            elif t == "stats":
-                self._reply_now(client, [cp.encode({"type": "stats", **self.snapshot()})])
-            elif t == "query":
-                s = cp.check_stream(msg.get("stream", "default"))
-                # streams outlive connections: a client that reconnects with the same stream id
-                # learns what was delivered (to any connection) and what is still being worked on
-                pend = sorted(e.seq for c in self.clients.values() for e in c.streams.get(s, ()))
-                self._reply_now(client, [cp.encode({"type": "query", "stream": s,
-                                                    "last_delivered": self.stream_progress.get(s),
-                                                    "pending": pend})])
-            elif t == "trace":
-                limit = msg.get("limit", 1000)
-                limit = limit if isinstance(limit, int) and 0 < limit <= cp.MAX_TRACE_FRAMES else 1000
-                self._reply_now(client, [cp.encode({"type": "trace", **self.trace(limit)})])
-            elif t == "shm_register":
-                self._reply_now(client, [cp.encode({"type": "shm_registered", **self._register_shm(client, msg)})])
-            else:
+            if t == "submit":
                 stream, seq = msg.get("stream"), msg.get("seq")
                 sub = cp.parse_submit(msg, len(parts) - 2)
                 self._on_submit(client, sub, parts[2] if len(parts) > 2 else None)
+                return
+            rid = cp.control_id(msg)
+            if t == "hello":
+                rep = self.hello()
+            elif t == "stats":
+                rep = {"type": "stats", **self.snapshot()}
+            elif t == "query":
+                s = cp.check_stream(msg.get("stream", "default"))
+                # streams outlive connections, but belong to one client: a client that reconnects
+                # with the same key or identity learns what was delivered and what is still pending
+                pend = sorted(e.seq for c in self.clients.values() if c.key == client.key
+                              for e in c.streams.get(s, ()))
+                rep = {"type": "query", "stream": s, "last_delivered": self.stream_progress.get((client.key, s)),
+                       "pending": pend}
+            elif t == "trace":
+                limit = msg.get("limit", 1000)
+                limit = limit if isinstance(limit, int) and 0 < limit <= cp.MAX_TRACE_FRAMES else 1000
+                rep = {"type": "trace", **self.trace(limit)}
+            else:  # shm_register
+                rep = {"type": "shm_registered", **self._register_shm(client, msg)}
+            if rid is not None:
+                rep["id"] = rid
+            self._reply_now(client, [cp.encode(rep)])
         except ProtocolError as exc:
             self.counters.on_refused(exc.code)
             self._reply_now(client, cp.error_message(exc.code, exc.detail,
                                                      stream if isinstance(stream, str) else None,
-                                                     seq if isinstance(seq, int) else None))
+                                                     seq if isinstance(seq, int) else None, rid))
 
     def _on_submit(self, client: _Client, sub: cp.Submit, payload: Any) -> None:
         if not self.accepting:
@@ -408,9 +444,9 @@ class Server:
             e = q.popleft()
             client.outbox.append(e.reply)
             self._outbox_dirty.add(client)
-            client.delivered[job.stream] = e.seq
-            self.stream_progress[job.stream] = e.seq
-            self.stream_progress.move_to_end(job.stream)
+            key = (client.key, job.stream)
+            self.stream_progress[key] = e.seq
+            self.stream_progress.move_to_end(key)
             if len(self.stream_progress) > MAX_TRACKED_STREAMS:
                 self.stream_progress.popitem(last=False)
         if q is not None and not q:
@@ -451,6 +487,10 @@ class Server:
             self._outbox_dirty.discard(client)
 
     def _housekeeping(self, now: float) -> None:
+        # the loop's longest turn (the work after its poll returned; waiting is not counted)
+        self._loop_recent.append((now, self._loop_window_max))
+        self.loop_max_s = max(self.loop_max_s, self._loop_window_max)
+        self._loop_window_max = 0.0
         if self.auth is not None:
             self.counters.auth_rejected = self.auth.rejected
         if now - self._last_prune > 10.0:  # forget idle clients that are owed nothing
@@ -470,8 +510,11 @@ class Server:
                            "max_tensor_elements": self.limits.max_tensor_elements,
                            "max_streams_per_client": self.limits.max_streams_per_client,
                            "max_inflight_per_client": self.limits.max_inflight_per_client,
+                           "max_pending": self.limits.max_pending, "max_outbox": self.limits.max_outbox,
+                           "max_inflight": self.pipe.max_inflight,
                            "max_encoded_bytes": self.image_limits.max_encoded_bytes,
-                           "max_pixels": self.image_limits.max_pixels}}
+                           "max_pixels": self.image_limits.max_pixels, "max_side": self.image_limits.max_side,
+                           "min_side": self.image_limits.min_side}}
 
     def trace(self, limit: int) -> dict:
         """The last ``limit`` frames' hop times (monotonic seconds) and each worker's pid (key "stage.worker")."""
@@ -508,6 +551,10 @@ class Server:
                 "queue": {"pending": len(self.pending), "in_flight": len(self.pipe.inflight)},
                 "clients": len(self.clients), "workers": len(self.pipe.workers),
                 "replan": self.pipe.describe() if hasattr(self.pipe, "describe") else None,
+                "loop": {"max_turn_ms": round(1e3 * max(self.loop_max_s, self._loop_window_max), 3),
+                         "max_turn_ms_last_10s": round(1e3 * max([m for t, m in self._loop_recent if now - t <= 10.0]
+                                                                  + [self._loop_window_max]), 3)},
+                "dropped_requests": self.dropped_requests,
                 "supervision": {**self.pipe.supervisor.describe(),
                                 "recovery_times_s": [round(t, 3) for t in self.pipe.recovery_times],
                                 "replayed": self.pipe.replayed, "duplicates_dropped": self.pipe.duplicates_dropped},

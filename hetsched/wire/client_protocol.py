@@ -45,10 +45,13 @@ ERROR_CODES = {
     "SHAPE_MISMATCH": "raw tensor shape or size differs from the model input",
     "SIZE_MISMATCH": "raw pixel payload size differs from what its encoding, width and height need",
     "NO_PREPROCESS": "this service takes raw tensors only",
-    "BAD_SHM": "shared-memory region or slot not usable (not registered, wrong size, not over ipc://)",
+    "BAD_SHM": "shared-memory region not usable (not registered, not a private regular file, wrong or changed size, "
+               "not over ipc://)",
+    "BAD_SLOT": "shared-memory slot number outside the registered region",
     "BUSY": "the service is full: the frame was NOT accepted; resend later",
     "LIMIT": "a per-client limit (streams, frames in flight) was reached; the frame was NOT accepted",
     "STAGE_FAILED": "a pipeline stage failed on this frame",
+    "FRAME_FAILED": "the frame's processing killed its worker twice (a poison frame): it is dropped",
     "SHUTTING_DOWN": "the service is stopping and accepts no new frames",
     "TIMEOUT": "the frame was accepted but not finished before the service stopped",
 }
@@ -214,10 +217,26 @@ def result_message(stream: str, seq: int, top: Sequence[dict], latency_ms: float
     return [encode(head), *frames]
 
 
-def error_message(code: str, message: str, stream: str | None = None, seq: int | None = None) -> list:
+def error_message(code: str, message: str, stream: str | None = None, seq: int | None = None,
+                  rid: Any = None) -> list:
     head: dict = {"type": "error", "code": code, "message": message}
     if stream is not None:
         head["stream"] = stream
     if seq is not None:
         head["seq"] = seq
+    if rid is not None:
+        head["id"] = rid
     return [encode(head)]
+
+
+def control_id(msg: dict) -> Any:
+    """The optional ``id`` of a control message (hello, stats, query, trace, shm_register), echoed
+    in its reply so a client can match replies that carry no stream/seq: an integer in 0..2**53 or
+    a string of 1..64 characters; anything else is BAD_HEADER."""
+    rid = msg.get("id")
+    if rid is None:
+        return None
+    if (isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= 2 ** 53) or (
+            isinstance(rid, str) and 0 < len(rid) <= 64):
+        return rid
+    raise ProtocolError("BAD_HEADER", "id must be an integer in 0..2**53 or a string of 1..64 characters")
