@@ -41,9 +41,20 @@ def test_noise_does_not_count_as_drift_and_a_lasting_slowdown_does():
     reasons = feed(det, 9.0, 11.5, {"big": 1.0, "little": 0.33}, rng)
     assert len(reasons) == 1 and "cluster little runs at 0.3" in reasons[0]
     assert det.speeds()["little"] == pytest.approx(0.33, rel=0.1) and det.speeds()["big"] == pytest.approx(1.0, rel=0.1)
-    # once a plan is made for the new speeds, the same speeds are no longer drift
-    det.adopt(det.speeds(), 0.0)
+    # once the running plan is kept for the new speeds, the same speeds are no longer drift, and
+    # the estimate stays the speed relative to the profile (it does not compound)
+    det.adopt(det.speeds(), 0.0, new_plan=False)
     assert feed(det, 11.5, 15.0, {"big": 1.0, "little": 0.33}, rng) == []
+    assert det.speeds()["little"] == pytest.approx(0.33, rel=0.1)
+    # a new plan made for the measured speeds predicts slower frames on the little core: still no drift
+    det.adopt(det.speeds(), 0.0, new_plan=True)
+    t = 15.0
+    while t < 19.0:
+        det.on_frame("little", measured_ms=5.0 / 0.33, predicted_ms=5.0 / det.clusters["little"].basis)
+        det.on_frame("big", measured_ms=5.0, predicted_ms=5.0)
+        t += 0.01
+        assert det.drifted(t) == []
+    assert det.speeds()["little"] == pytest.approx(0.33, rel=0.1)
 
 
 def test_a_change_of_traffic_mix_is_drift():

@@ -25,10 +25,14 @@ from hetsched.planning.plan import CostTable, Plan, StageSpec
 
 @dataclass
 class ClusterDrift:
-    speed: float = 1.0            # smoothed measured / predicted speed (1.0 = as planned; 0.5 = half)
-    assumed: float = 1.0          # the speed the running plan was made for
+    speed: float = 1.0            # measured speed relative to the profile (1.0 = as profiled; 0.5 = half)
+    assumed: float = 1.0          # the speed last acted on (drift is a departure from it)
+    basis: float = 1.0            # the speed the running plan's predictions were computed with
     samples: int = 0
     off_since: float | None = None
+    predicted: float = 0.0        # smoothed predicted ms per frame of the frames measured
+    measured: float = 0.0         # smoothed measured ms of the same frames
+    seen: float | None = None     # the speed at the previous check (a speed still moving is not acted on)
 
 
 @dataclass
@@ -36,7 +40,7 @@ class DriftDetector:
     threshold: float = 0.15       # relative deviation of speed that counts as drift
     hold_s: float = 2.0           # ... for at least this long
     weight: float = 0.05          # EWMA weight of one frame
-    min_samples: int = 20
+    min_samples: int = 50
     mix_threshold: float = 0.3    # change of the encoded share that counts as drift
     clusters: dict[str, ClusterDrift] = field(default_factory=dict)
     encoded_share: float = 0.0    # smoothed share of encoded frames
@@ -49,9 +53,15 @@ class DriftDetector:
         if measured_ms <= 0 or predicted_ms <= 0:
             return
         c = self.clusters.setdefault(cluster, ClusterDrift())
-        # speed relative to the prediction, times the speed the prediction already assumed
-        s = c.assumed * predicted_ms / measured_ms
-        c.speed = s if c.samples == 0 else c.speed + self.weight * (s - c.speed)
+        # a ratio of smoothed sums, not a mean of ratios: on a duty-cycled core a short frame may wait
+        # a whole busy burst, and averaging per-frame speeds would overweight such frames
+        if c.samples == 0:
+            c.predicted, c.measured = predicted_ms, measured_ms
+        else:
+            c.predicted += self.weight * (predicted_ms - c.predicted)
+            c.measured += self.weight * (measured_ms - c.measured)
+        # speed relative to the prediction, times the speed the prediction was computed with
+        c.speed = c.basis * c.predicted / c.measured
         c.samples += 1
 
     def on_submit(self, encoded: bool) -> None:
@@ -64,11 +74,13 @@ class DriftDetector:
         reasons = []
         for name, c in sorted(self.clusters.items()):
             off = c.samples >= self.min_samples and abs(c.speed / c.assumed - 1.0) > self.threshold
+            settled = c.seen is not None and abs(c.speed / c.seen - 1.0) <= self.threshold / 2
+            c.seen = c.speed
             if not off:
                 c.off_since = None
                 continue
             c.off_since = now if c.off_since is None else c.off_since
-            if now - c.off_since >= self.hold_s:
+            if now - c.off_since >= self.hold_s and settled:
                 reasons.append(f"cluster {name} runs at {c.speed:.2f} of its profiled speed "
                                f"(plan assumed {c.assumed:.2f}) for {now - c.off_since:.1f} s")
         off = self.mix_samples >= self.min_samples and abs(self.encoded_share - self.assumed_share) > self.mix_threshold
@@ -84,12 +96,15 @@ class DriftDetector:
     def speeds(self) -> dict[str, float]:
         return {n: c.speed for n, c in self.clusters.items() if c.samples >= self.min_samples}
 
-    def adopt(self, speeds: Mapping[str, float], encoded_share: float) -> None:
-        """A new plan was made for these speeds and this mix: measure against it from now on."""
+    def adopt(self, speeds: Mapping[str, float], encoded_share: float, new_plan: bool = True) -> None:
+        """Take these speeds and this mix as the new normal. ``new_plan``: a plan made for them now
+        runs (its predictions assume them); False: the running plan was kept (its predictions did not
+        change, only what counts as drift did)."""
         for name, s in speeds.items():
             c = self.clusters.setdefault(name, ClusterDrift())
-            c.assumed, c.off_since = s, None
-            if c.samples == 0:
+            c.assumed, c.off_since, c.seen = s, None, None
+            if new_plan:
+                c.basis, c.samples = s, 0  # measure the new plan afresh
                 c.speed = s
         self.assumed_share, self.mix_off_since = encoded_share, None
 

@@ -72,6 +72,7 @@ class Runtime:
         self._done_times: deque = deque(maxlen=4096)
         self._failed_plans: dict[tuple, float] = {}
         self._retired_counts = {"replayed": 0, "duplicates": 0, "restarts": 0}
+        self._t_switched = 0.0
         self.replans = 0
 
     # ------------------------------------------------------------------ like one pipeline
@@ -170,6 +171,8 @@ class Runtime:
     def _check(self, now: float) -> None:
         if self.starting is not None or self.base_costs is None:
             return
+        if now - self._t_switched < 2 * self.settings.check_s:  # let a new plan settle before judging it
+            return
         reasons = self.detector.drifted(now)
         if not reasons:
             return
@@ -192,8 +195,8 @@ class Runtime:
         if entry["switch"]:
             self._begin_switch(decision, speeds, share, entry)
         else:
-            # the plan fits what was measured: measure against these speeds from now on
-            self.detector.adopt(speeds, share)
+            # the plan still fits what was measured: drift is judged against these speeds from now on
+            self.detector.adopt(speeds, share, new_plan=False)
         self.history.append(entry)
 
     def _begin_switch(self, decision: Decision, speeds: dict, share: float, entry: dict) -> None:
@@ -236,10 +239,9 @@ class Runtime:
         self.draining.append(old)
         self.generation = p.generation
         self.replans += 1
+        self._t_switched = time.monotonic()
         meta = self._switch_meta
-        self.detector.adopt(meta["speeds"], meta["share"])
-        for c in self.detector.clusters.values():
-            c.samples = 0  # measure the new plan afresh
+        self.detector.adopt(meta["speeds"], meta["share"], new_plan=True)
         entry = meta["entry"]
         entry.update(generation=p.generation, start_s=round(time.monotonic() - meta["t_begin"], 3),
                      fps_before=meta["fps_before"], t_switch=time.monotonic())
