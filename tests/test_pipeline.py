@@ -11,7 +11,7 @@ from hetsched.planning.costs import flop_cost_table
 from hetsched.runtime.pipeline import Pipeline
 from hetsched.errors import ShapeMismatch
 from hetsched.model.graph import random_inputs
-from hetsched.planning.planner import ClusterSpec, Plan, Stage, TransferModel, plan_pipeline
+from hetsched.planning.planner import ClusterSpec, TransferModel, plan_pipeline
 
 from .conftest import SHARED_IMAGES, SHARED_MODEL, manual_plan, needs_shared, wait_for
 

@@ -42,8 +42,9 @@ from hetsched.config import InputConfig, LimitsConfig, load_config, parse_config
 from hetsched.runtime.pipeline import Pipeline
 from hetsched.errors import ConfigError, HetschedError, ProtocolError
 from hetsched.model.preprocess import ImageLimits, decode_image
-from hetsched.wire.security import (LinkKeys, SecuritySettings, ServerAuth, apply_client, check_bind, check_link_bind,
-                               generate_keys, secure_link_client, secure_link_server, start_link_authenticator)
+from hetsched.wire.security import SecuritySettings, ServerAuth, apply_client, check_bind, check_link_bind
+from hetsched.wire.keys import generate_keys
+from hetsched.wire.links import LinkKeys, secure_link_client, secure_link_server, start_link_authenticator
 from hetsched.server.front import Server, ServerLimits, check_limits
 
 from .conftest import ROOT, manual_plan, topk5, wait_for

@@ -32,7 +32,7 @@ def config_snippet(result: dict, config_dir: str | None = None) -> str:
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
-    from hetsched.wire.security import generate_keys
+    from hetsched.wire.keys import generate_keys
     res = generate_keys(args.dir, clients=args.client or ["client"], overwrite=args.force)
     print(f"wrote CURVE keys to {res['directory']}:")
     print(f"  {res['server_secret']}   server secret key (mode 0600): stays on the server")

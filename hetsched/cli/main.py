@@ -103,7 +103,6 @@ def cmd_topology(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------- plan
 def plan_report(prep) -> str:
-    from hetsched.model.graph import layer_table
     from hetsched.planning.planner import format_plan
     lines = []
     for c in prep.clusters:

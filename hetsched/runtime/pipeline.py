@@ -42,7 +42,7 @@ from hetsched.runtime.supervisor import Supervisor
 from hetsched.runtime.workers import STAT_KEYS, WorkerHandle, check_ready
 from hetsched.wire import stage_protocol as sp
 from hetsched.wire.rings import Ring, RingSpec, create_ring, new_ring_name, sweep_stale_rings
-from hetsched.wire.security import LinkKeys, secure_link_client, secure_link_server, start_link_authenticator
+from hetsched.wire.links import LinkKeys, secure_link_client, secure_link_server, start_link_authenticator
 
 log = logging.getLogger(__name__)
 

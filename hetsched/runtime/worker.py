@@ -176,7 +176,7 @@ def main(spec: WorkerSpec) -> int:
 
     import zmq
 
-    from hetsched.wire.security import LinkKeys, secure_link_client, secure_link_server, start_link_authenticator
+    from hetsched.wire.links import LinkKeys, secure_link_client, secure_link_server, start_link_authenticator
     from hetsched.wire.stage_protocol import control, parse_control
 
     ctx = zmq.Context(io_threads=1)

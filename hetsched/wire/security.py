@@ -2,15 +2,13 @@
 
 * :func:`check_bind` refuses an endpoint reachable from other machines unless CURVE keys are
   configured (or ``insecure: true`` says the risk is accepted, which is logged loudly).
-* :func:`generate_keys` writes a server and client key pairs (``hetsched keys generate DIR``).
+* key files (``hetsched keys generate DIR``, loading and checking them) are ``hetsched.wire.keys``.
 * :class:`ServerAuth` runs a ZAP handler that admits only the client public keys in the
   ``authorized_clients`` directory, turns a socket into a CURVE server, and counts and logs every
   refused handshake (unknown key, no CURVE at all, wrong server key, garbage).
 * :func:`apply_client` makes a client socket a CURVE client of a server.
-* :class:`LinkKeys` and ``secure_link_*`` protect the pipeline's own links (stage to stage, worker
-  to coordinator control): one ephemeral key pair per run for the binding side and one for the
-  connecting side, handed to the workers in their spawn spec; :func:`start_link_authenticator`
-  admits exactly the run's client key.
+* the pipeline's own links (stage to stage, worker to coordinator control) are protected by
+  ``hetsched.wire.links`` with the authenticator and the rejection log defined here.
 
 Nothing here reads anything from the wire except through libzmq's CURVE handshake and the ZAP
 request frames, which are compared as bytes.
@@ -21,9 +19,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import shutil
-import stat
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -35,11 +30,10 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from hetsched.errors import ConfigError, HetschedError
+from hetsched.wire.keys import load_public_key, load_secret_key
 
 log = logging.getLogger(__name__)
 
-SERVER_NAME = "server"
-AUTHORIZED_DIR = "authorized_clients"
 LINK_DOMAIN = "hetsched-link"
 REJECT_LOG_INTERVAL_S = 10.0   # a peer that keeps retrying is logged at most this often
 _MAX_TRACKED_PEERS = 1024      # bound on the per-peer log state an attacker could grow
@@ -84,107 +78,6 @@ class SecuritySettings:
             return cls()
         return cls(server_secret_key=sec.server_secret_key, authorized_clients=sec.authorized_clients,
                    insecure=bool(sec.insecure))
-
-
-def _write_private(path: str) -> None:
-    os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
-
-
-def generate_keys(directory: str, clients: tuple[str, ...] | list[str] = ("client",),
-                  overwrite: bool = False) -> dict:
-    """Write a server key pair and one key pair per client name into ``directory``.
-
-    Files: ``server.key`` (public), ``server.key_secret`` (mode 0600), ``<name>.key`` and
-    ``<name>.key_secret`` (0600) per client, and a copy of each client's public key in
-    ``authorized_clients/``. Secret files are created in a private temporary directory, made 0600
-    and only then moved into place, so they are never readable by others. Existing key files are
-    refused unless ``overwrite``. Returns the paths written.
-    """
-    names = [SERVER_NAME, *clients]
-    for n in clients:
-        if not n or n == SERVER_NAME or os.sep in n or n.startswith(".") or (os.altsep and os.altsep in n):
-            raise ConfigError(f"keys: bad client name {n!r}")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"keys: duplicate client name in {list(clients)}")
-    directory = os.path.abspath(directory)
-    auth_dir = os.path.join(directory, AUTHORIZED_DIR)
-    targets = [os.path.join(directory, f"{n}{ext}") for n in names for ext in (".key", ".key_secret")]
-    targets += [os.path.join(auth_dir, f"{n}.key") for n in clients]
-    existing = [p for p in targets if os.path.exists(p)]
-    if existing and not overwrite:
-        raise ConfigError(f"keys: {existing[0]} already exists (use a new directory, or overwrite)")
-    created = not os.path.isdir(directory)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    if created:
-        os.chmod(directory, 0o700)
-    os.makedirs(auth_dir, mode=0o755, exist_ok=True)
-    out: dict = {"directory": directory, "authorized_clients": auth_dir, "clients": {}}
-    tmp = tempfile.mkdtemp(prefix=".keys-", dir=directory)  # mode 0700
-    try:
-        for n in names:
-            pub, sec = zmq.auth.create_certificates(tmp, n)
-            _write_private(sec)
-            os.chmod(pub, 0o644)
-            dst_pub, dst_sec = os.path.join(directory, f"{n}.key"), os.path.join(directory, f"{n}.key_secret")
-            os.replace(sec, dst_sec)
-            os.replace(pub, dst_pub)
-            if n == SERVER_NAME:
-                out["server_public"], out["server_secret"] = dst_pub, dst_sec
-            else:
-                allowed = os.path.join(auth_dir, f"{n}.key")
-                shutil.copyfile(dst_pub, allowed)
-                os.chmod(allowed, 0o644)
-                out["clients"][n] = {"public": dst_pub, "secret": dst_sec, "authorized": allowed}
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def _is_z85_key(value: str) -> bool:
-    if len(value) != 40:
-        return False
-    try:
-        return len(z85.decode(value.encode("ascii"))) == 32
-    except (ValueError, UnicodeEncodeError, KeyError, IndexError):
-        return False
-
-
-def load_public_key(value: str, what: str) -> bytes:
-    """A Z85 public key from a ``.key``/``.key_secret`` file, or a 40-character Z85 string."""
-    if os.path.isfile(value):
-        try:
-            public, _ = zmq.auth.load_certificate(value)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{what}: cannot read a public key from {value}: {exc}") from None
-        if not _is_z85_key(public.decode("ascii", "replace")):
-            raise ConfigError(f"{what}: {value} does not hold a valid CURVE public key")
-        return public
-    if _is_z85_key(value):
-        return value.encode("ascii")
-    raise ConfigError(f"{what}: {value} is neither a key file nor a 40-character Z85 public key")
-
-
-def load_secret_key(path: str, what: str) -> tuple[bytes, bytes]:
-    """(public, secret) Z85 keys from a ``.key_secret`` file; warns if others may read it."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"{what}: secret key file not found: {path}")
-    try:
-        public, secret = zmq.auth.load_certificate(path)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{what}: cannot read {path}: {exc}") from None
-    if secret is None:
-        raise ConfigError(f"{what}: {path} holds no secret key (give the .key_secret file, not the .key file)")
-    if not (_is_z85_key(public.decode("ascii", "replace")) and _is_z85_key(secret.decode("ascii", "replace"))):
-        raise ConfigError(f"{what}: {path} does not hold a valid CURVE key pair")
-    mode = os.stat(path).st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("%s: %s is accessible by other users (mode %o); run: chmod 600 %s",
-                    what, path, stat.S_IMODE(mode), path)
-    return public, secret
-
-
-# ---------------------------------------------------------------------------------------------
-# bind policy
 
 
 def endpoint_host(endpoint: str) -> tuple[str, str | None]:
@@ -253,8 +146,9 @@ def check_bind(endpoint: str, settings: SecuritySettings | None = None, what: st
         "set security.insecure: true to accept that anyone on the network can use the service")
 
 
-def check_link_bind(endpoint: str, link_keys: "LinkKeys | None", what: str = "transport.host") -> None:
-    """The pipeline's own links: a non-loopback tcp:// bind needs the run's link keys."""
+def check_link_bind(endpoint: str, link_keys: Any, what: str = "transport.host") -> None:
+    """The pipeline's own links: a non-loopback tcp:// bind needs the run's link keys
+    (``hetsched.wire.links.LinkKeys``)."""
     if link_keys is None:
         check_bind(endpoint, SecuritySettings(), what)
 
@@ -483,77 +377,8 @@ def apply_client(sock: zmq.Socket, settings: SecuritySettings | None) -> bool:
 # the pipeline's own links
 
 
-@dataclass(frozen=True)
-class LinkKeys:
-    """Ephemeral CURVE keys of one pipeline run (Z85 strings): every binding link socket uses the
-    server pair, every connecting one the client pair, and only the client public key is admitted.
-    Made by the coordinator, given to workers in their spawn spec (a local pipe), never written."""
-
-    server_public: str
-    server_secret: str
-    client_public: str
-    client_secret: str
-
-    @classmethod
-    def generate(cls) -> "LinkKeys":
-        sp, ss = zmq.curve_keypair()
-        cp, cs = zmq.curve_keypair()
-        return cls(sp.decode(), ss.decode(), cp.decode(), cs.decode())
-
-    def to_dict(self) -> dict:
-        return {"server_public": self.server_public, "server_secret": self.server_secret,
-                "client_public": self.client_public, "client_secret": self.client_secret}
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> "LinkKeys | None":
-        if not d:
-            return None
-        keys = cls(**{k: str(d[k]) for k in ("server_public", "server_secret", "client_public", "client_secret")})
-        for name, value in keys.to_dict().items():
-            if not _is_z85_key(value):
-                raise HetschedError(f"link keys: {name} is not a Z85 CURVE key")
-        return keys
-
-    def __repr__(self) -> str:  # never print the secrets
-        return f"LinkKeys(server_public={self.server_public!r}, client_public={self.client_public!r})"
-
-
 def _zap_safe_rcvhwm(sock: zmq.Socket) -> None:
     """libzmq 4.3 delivers nothing to a CURVE server socket with a ZAP handler whose RCVHWM is 1
     (poll reports input, recv never gets it); 2 works. tests/test_security.py checks both."""
     if sock.getsockopt(zmq.RCVHWM) == 1:
         sock.setsockopt(zmq.RCVHWM, 2)
-
-
-def secure_link_server(sock: zmq.Socket, link_keys: LinkKeys | None) -> None:
-    """A binding link socket (worker input, coordinator control and results): CURVE server.
-    Call after setting RCVHWM (an RCVHWM of 1 is raised to 2, see ``_zap_safe_rcvhwm``)."""
-    if link_keys is None:
-        return
-    _zap_safe_rcvhwm(sock)
-    sock.curve_server = True
-    sock.curve_secretkey = link_keys.server_secret.encode()
-    sock.curve_publickey = link_keys.server_public.encode()
-    sock.zap_domain = LINK_DOMAIN.encode()
-
-
-def secure_link_client(sock: zmq.Socket, link_keys: LinkKeys | None) -> None:
-    """A connecting link socket (coordinator feed, worker output and control): CURVE client."""
-    if link_keys is None:
-        return
-    sock.curve_serverkey = link_keys.server_public.encode()
-    sock.curve_publickey = link_keys.client_public.encode()
-    sock.curve_secretkey = link_keys.client_secret.encode()
-
-
-def start_link_authenticator(ctx: zmq.Context, link_keys: LinkKeys | None,
-                             what: str = "pipeline link") -> ThreadAuthenticator | None:
-    """A ZAP handler in ``ctx`` that admits exactly the run's link client key (None without keys).
-    Start it before binding a secured link socket; call ``.stop()`` on it before ``ctx.term()``.
-    Refusals are logged (with the peer's address) and counted in ``.denied``."""
-    if link_keys is None:
-        return None
-    auth = _CountingAuthenticator(ctx, RejectionLog(), what)
-    auth.start()
-    auth.configure_curve_callback(LINK_DOMAIN, _KeySet({link_keys.client_public.encode()}))
-    return auth
