@@ -1,4 +1,5 @@
-"""The coordinator's runtime half: start the plan's workers, dispatch frames, collect, supervise, stop.
+"""The coordinator's runtime half (about 600 lines on purpose: the coordinator's side of the data path
+is one state machine over one set of sockets, and its message handling reads best in one place): start the plan's workers, dispatch frames, collect, supervise, stop.
 
 Data path (one host: ipc:// in a private run directory, activations in shared-memory rings)::
 
@@ -32,14 +33,13 @@ import zmq
 
 from hetsched.errors import HetschedError, ProtocolError, ShapeMismatch, WorkerDied
 from hetsched.host.process import describe_exit, keep_large_buffers, reap_processes
-from hetsched.model.graph import ModelGraph, extract_stage, passthrough_names
-from hetsched.model.topk import with_topk
+from hetsched.model.graph import ModelGraph, passthrough_names
 from hetsched.planning.plan import Plan
 from hetsched.runtime.dispatch import Dispatcher
 from hetsched.runtime.ledger import FrameRec, Hop, Ledger
 from hetsched.runtime.spec import TopkSpec, WorkerSpec
 from hetsched.runtime.supervisor import Supervisor
-from hetsched.runtime.workers import STAT_KEYS, WorkerHandle, check_ready
+from hetsched.runtime.workers import WorkerHandle, check_ready, stage_model, stage_stats
 from hetsched.wire import stage_protocol as sp
 from hetsched.wire.rings import Ring, RingSpec, create_ring, new_ring_name, sweep_stale_rings
 from hetsched.wire.links import LinkKeys, secure_link_client, secure_link_server, start_link_authenticator
@@ -203,11 +203,7 @@ class Pipeline:
         wid = 0
         for st in stages:
             path = os.path.join(self.run_dir, f"stage{st.index}.onnx")
-            sub = extract_stage(self.model, self.graph, st.first_layer, st.last_layer)
-            if st.index == last and self.topk is not None:  # the session computes the top-k itself
-                t = self.topk
-                sub = with_topk(sub, self.graph.outputs[t.output].name, t.k, t.apply_softmax)
-            onnx.save(sub, path)
+            onnx.save(stage_model(self.model, self.graph, st, self.topk if st.index == last else None), path)
             passthrough = tuple(passthrough_names(self.graph, st.first_layer, st.last_layer))
             for member, cores in st.workers():
                 spec = WorkerSpec(
@@ -571,23 +567,7 @@ class Pipeline:
     # ---------------------------------------------------------------- statistics
     def stage_stats(self) -> list[dict]:
         """Per stage: frames, compute/wait/send seconds, recent compute samples, per-worker detail."""
-        out = []
-        for st in self.plan.stages:
-            ws = [w for w in self.workers if w.stage == st.index]
-            agg: dict[str, Any] = {"stage": st.index, "replicas": len(ws), "pids": [w.pid for w in ws],
-                                   "samples": [], "workers": []}
-            for k in STAT_KEYS:
-                agg[k] = sum(w.total(k) for w in ws)
-            for w in ws:
-                agg["samples"] += w.samples
-                slot = self.dispatcher.workers.get(w.wid)
-                agg["workers"].append({"worker": w.wid, "pid": w.pid, "cluster": w.cluster, "cores": list(w.cores),
-                                       "threads": w.threads, "predicted_ms": w.predicted_ms,
-                                       "predicted_compute_ms": w.layers_ms,
-                                       "measured_service_ms": slot.service_s * 1e3 if slot else None,
-                                       **{k: w.total(k) for k in STAT_KEYS}})
-            out.append(agg)
-        return out
+        return stage_stats(self.plan, self.workers, self.dispatcher)
 
     # ---------------------------------------------------------------- stop
     def stop(self, drain_timeout: float = 5.0, grace: float = 3.0) -> None:

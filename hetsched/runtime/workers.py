@@ -115,3 +115,35 @@ def check_ready(w: WorkerHandle, msg: dict) -> None:
                                 f"plan expects {dtype}{list(shape)}")
     if sorted(msg["cores"]) != sorted(spec.cores):
         raise WorkerDied(f"{spec.name} runs on cores {msg['cores']}, plan says {list(spec.cores)}")
+
+
+def stage_model(model: Any, graph: Any, stage: Any, topk: Any = None) -> Any:
+    """The ONNX sub-model a stage's workers run; the last stage's also computes the top-k
+    (``hetsched.model.topk.with_topk``)."""
+    from hetsched.model.graph import extract_stage
+    from hetsched.model.topk import with_topk
+    sub = extract_stage(model, graph, stage.first_layer, stage.last_layer)
+    if topk is not None:
+        sub = with_topk(sub, graph.outputs[topk.output].name, topk.k, topk.apply_softmax)
+    return sub
+
+
+def stage_stats(plan, workers: list[WorkerHandle], dispatcher) -> list[dict]:
+    """Per stage: frames, compute/wait/send seconds, recent compute samples, per-worker detail."""
+    out = []
+    for st in plan.stages:
+        ws = [w for w in workers if w.stage == st.index]
+        agg: dict[str, Any] = {"stage": st.index, "replicas": len(ws), "pids": [w.pid for w in ws],
+                               "samples": [], "workers": []}
+        for k in STAT_KEYS:
+            agg[k] = sum(w.total(k) for w in ws)
+        for w in ws:
+            agg["samples"] += w.samples
+            slot = dispatcher.workers.get(w.wid)
+            agg["workers"].append({"worker": w.wid, "pid": w.pid, "cluster": w.cluster, "cores": list(w.cores),
+                                   "threads": w.threads, "predicted_ms": w.predicted_ms,
+                                   "predicted_compute_ms": w.layers_ms,
+                                   "measured_service_ms": slot.service_s * 1e3 if slot else None,
+                                   **{k: w.total(k) for k in STAT_KEYS}})
+        out.append(agg)
+    return out

@@ -10,7 +10,6 @@ outbox with non-blocking sends, so one slow client never stalls the others.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -22,8 +21,9 @@ import zmq
 from hetsched.wire import client_protocol as cp
 from hetsched.runtime.pipeline import FrameResult, Pipeline
 from hetsched.errors import ConfigError, ProtocolError
-from hetsched.model.pixels import PIXEL_ENCODINGS, check_pixels, payload_size
+from hetsched.model.pixels import check_pixels, payload_size
 from hetsched.model.preprocess import ImageLimits, load_labels, sniff_format
+from hetsched.server import status
 from hetsched.server.counters import ServiceCounters
 from hetsched.wire.security import SecuritySettings, ServerAuth, check_bind, uses_curve
 
@@ -500,71 +500,15 @@ class Server:
                 for region in self.clients.pop(ident).regions.values():
                     self._close_region(region)
 
-    # ------------------------------------------------------------------ info
+    # ------------------------------------------------------------------ info (hetsched.server.status)
     def hello(self) -> dict:
-        t = self.pipe.graph.inputs[0]
-        return {"type": "hello", "protocol": cp.PROTOCOL_VERSION, "input": t.to_dict(),
-                "accepts": ["raw"] + (["jpeg", "png", "image", *PIXEL_ENCODINGS] if self.pipe.preprocess is not None
-                                      else []),
-                "limits": {"max_message_bytes": self.limits.max_message_bytes,
-                           "max_tensor_elements": self.limits.max_tensor_elements,
-                           "max_streams_per_client": self.limits.max_streams_per_client,
-                           "max_inflight_per_client": self.limits.max_inflight_per_client,
-                           "max_pending": self.limits.max_pending, "max_outbox": self.limits.max_outbox,
-                           "max_inflight": self.pipe.max_inflight,
-                           "max_encoded_bytes": self.image_limits.max_encoded_bytes,
-                           "max_pixels": self.image_limits.max_pixels, "max_side": self.image_limits.max_side,
-                           "min_side": self.image_limits.min_side}}
+        return status.hello(self)
 
     def trace(self, limit: int) -> dict:
-        """The last ``limit`` frames' hop times (monotonic seconds) and each worker's pid (key "stage.worker")."""
-        frames = [{"id": fid, "t_submit": ts, "t_done": td,
-                   "hops": [[h.stage, h.worker, h.t_recv, h.t_start, h.t_end] for h in hops]}
-                  for fid, ts, hops, td in list(self.traces)[-limit:]]
-        pids = {f"{w.stage}.{w.wid}": w.pid for w in self.pipe.workers}
-        return {"frames": frames, "pids": pids}
+        return status.trace(self, limit)
 
     def snapshot(self, samples: int = 2000) -> dict:
-        """Service state: plan, per-stage cumulative worker counters and recent compute samples."""
-        if self.auth is not None:
-            self.counters.auth_rejected = self.auth.rejected
-        now = time.monotonic()
-        uptime = now - self.t_start
-        names = self.pipe.plan.layer_names
-        stages = []
-        for st, agg in zip(self.pipe.plan.stages, self.pipe.stage_stats()):
-            busy = agg["compute_s"] / max(agg["replicas"], 1)
-            recent = agg["samples"][-samples:]
-            stages.append({"stage": st.index, "cluster": st.cluster, "cores": list(st.cores),
-                           "replicas": st.replicas, "threads": st.threads, "pids": agg["pids"],
-                           "layers": [names[st.first_layer], names[st.last_layer]],
-                           "frames": agg["frames"], "errors": agg["errors"],
-                           "compute_s": agg["compute_s"], "wait_s": agg["wait_s"], "send_s": agg["send_s"],
-                           "utilization": busy / uptime if uptime > 0 else 0.0,
-                           "compute_ms_p50": float(np.percentile(recent, 50) * 1e3) if recent else None,
-                           "samples_ms": [round(x * 1e3, 4) for x in recent],
-                           "predicted_ms": st.compute_ms, "predicted_period_ms": st.period_ms,
-                           "predicted_compute_ms": max(m.layers_ms for m in st.members),
-                           "compute_cpu_s": agg["compute_cpu_s"], "input_s": agg["input_s"],
-                           "workers": agg["workers"]})
-        return {"uptime_s": uptime, "t": now, "pid": os.getpid(), "plan": self.pipe.plan.to_dict(), "stages": stages,
-                "queue": {"pending": len(self.pending), "in_flight": len(self.pipe.inflight)},
-                "clients": len(self.clients), "workers": len(self.pipe.workers),
-                "replan": self.pipe.describe() if hasattr(self.pipe, "describe") else None,
-                "loop": {"max_turn_ms": round(1e3 * max(self.loop_max_s, self._loop_window_max), 3),
-                         "max_turn_ms_last_10s": round(1e3 * max([m for t, m in self._loop_recent if now - t <= 10.0]
-                                                                  + [self._loop_window_max]), 3)},
-                "dropped_requests": self.dropped_requests,
-                "supervision": {**self.pipe.supervisor.describe(),
-                                "recovery_times_s": [round(t, 3) for t in self.pipe.recovery_times],
-                                "replayed": self.pipe.replayed, "duplicates_dropped": self.pipe.duplicates_dropped},
-                **self.counters.as_dict()}
+        return status.snapshot(self, samples)
 
     def metrics(self) -> dict:
-        """The ``metrics`` section for /metrics (hetsched.observe.prometheus); safe from another thread."""
-        rt = self.pipe
-        describe = rt.describe() if hasattr(rt, "describe") else {}
-        restarts = rt.supervisor.restarts + getattr(rt, "_retired_counts", {}).get("restarts", 0)
-        return {"metrics": self.counters.metrics(
-            worker_restarts=restarts, replays=rt.replayed, replans=describe.get("replans", 0),
-            plan_generation=describe.get("generation", 0), cluster_speed=describe.get("measured_speeds", {}))}
+        return status.metrics(self)
