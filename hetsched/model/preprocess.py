@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -446,22 +445,14 @@ def top_k(output: np.ndarray, k: int, labels: Sequence[str] | None = None) -> li
         raise ValueError(f"top_k: expected one class vector, got shape {a.shape}")
     if k < 0:
         raise ValueError(f"top_k: k must be >= 0, got {k}")
-    v = a.reshape(-1).astype(np.float64)
+    v = a.reshape(-1)
     if labels is not None and len(labels) != v.size:
         raise ValueError(f"top_k: {len(labels)} labels for {v.size} classes")
-    p = v if looks_like_probabilities(v) else softmax(v)
-    p = np.where(np.isnan(p), -np.inf, p)  # NaN never ranks first
-    k = min(k, v.size)
-    if 0 < k < v.size:
-        # only the candidates at or above the k-th best value (ties included) need a stable sort
-        kth = np.partition(p, v.size - k)[v.size - k]
-        cand = np.flatnonzero(p >= kth)
-        order = cand[np.argsort(-p[cand], kind="stable")][:k]
-    else:
-        order = np.argsort(-p, kind="stable")[:k]
+    from hetsched.model.topk import topk_scores  # the one top-k
+    order, scores = topk_scores(v, k, apply_softmax=not looks_like_probabilities(v))
     out = []
-    for i in order:
-        item = {"index": int(i), "score": float(p[i]) if math.isfinite(p[i]) else 0.0}
+    for i, score in zip(order.tolist(), scores.tolist()):
+        item = {"index": i, "score": score}
         if labels is not None:
             item["label"] = labels[i]
         out.append(item)
