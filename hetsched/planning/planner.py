@@ -341,11 +341,8 @@ def plan_pipeline(costs: CostTable, clusters: Sequence[ClusterSpec], transfer: T
     # ---- phase 1: minimal bottleneck ------------------------------------------------------------
     G1 = np.full((n + 1, U + 1, S + 1), np.inf)
     G1[0, 0, 0] = 0.0
-    for e in range(1, n + 1):
-        rng = starts_for(e)
-        if rng is None:
-            continue
-        lo, hi = rng
+    ends = [(e, *rng) for e in range(1, n + 1) if (rng := starts_for(e)) is not None]  # (end, first starts)
+    for e, lo, hi in ends:
         acc = G1[e, :U, 1:]
         for cb in combos:
             cost = cb.period[lo:hi, e - 1]
@@ -372,11 +369,7 @@ def plan_pipeline(costs: CostTable, clusters: Sequence[ClusterSpec], transfer: T
     back_i = np.full((n + 1, U, S + 1), -1, dtype=np.int64)
     back_c = np.full((n + 1, U, S + 1), -1, dtype=np.int64)
     lat = [np.where(cb.period <= thr, cb.p99, np.inf) for cb in combos]
-    for e in range(1, n + 1):
-        rng = starts_for(e)
-        if rng is None:
-            continue
-        lo, hi = rng
+    for e, lo, hi in ends:
         acc = G2[e, :U, 1:]
         bi, bc = back_i[e, :, 1:], back_c[e, :, 1:]
         for ci, (cb, lt) in enumerate(zip(combos, lat)):
