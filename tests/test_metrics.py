@@ -154,7 +154,7 @@ def test_predicted_overheads_leave_the_empty_run_in_the_compute():
 def test_every_report_gives_the_same_figures_from_the_same_run():
     from hetsched.bench import figures
     from hetsched.bench.contenders import Slot
-    from hetsched.cli.main import demo_result
+    from hetsched.cli.demo import demo_result
     from hetsched.observe.tables import stage_status
 
     run = _run_data()

@@ -149,7 +149,8 @@ def test_config_errors_name_the_key(raw, message):
 
 
 def test_plan_input_shape_flag(tmp_path):
-    from hetsched.cli.main import build_parser, load_cfg, parse_shape
+    from hetsched.cli.common import load_cfg, parse_shape
+    from hetsched.cli.main import build_parser
     assert parse_shape("1,3,320,320") == parse_shape("1x3x320x320") == (1, 3, 320, 320)
     with pytest.raises(ConfigError, match="--input-shape"):
         parse_shape("1,3,h,w")

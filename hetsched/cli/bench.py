@@ -44,7 +44,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
 def cmd_bench(args: argparse.Namespace) -> int:
     from hetsched.bench.report import format_report
     from hetsched.bench.run import all_correct, run_bench
-    from hetsched.cli.main import eprint
+    from hetsched.cli.common import eprint
     opts = options_from_args(args)
     opts.progress = lambda msg: eprint(f"  {msg}")
     result = run_bench(opts)

@@ -34,7 +34,7 @@ def open_video(args: argparse.Namespace, hello: dict) -> VideoSource:
 
 
 def cmd_feed(args: argparse.Namespace) -> int:
-    from hetsched.cli.main import StopFlag, eprint
+    from hetsched.cli.common import StopFlag, eprint
     from hetsched.client import Client
 
     from hetsched.cli.keys import client_key_options

@@ -59,7 +59,8 @@ def write_outputs(out_dir: str, result: dict, extra: dict) -> list[str]:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from hetsched.cli.main import StopFlag, _serve, eprint
+    from hetsched.cli.common import StopFlag, eprint
+    from hetsched.cli.serve import serve
     from hetsched.observe.report import format_report
 
     images = args.images
@@ -99,11 +100,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
         for p in write_outputs(args.out, result, extra):
             print(f"wrote {p}")
 
-    return _serve(args, driver, finish, with_preprocess=bool(images))
+    return serve(args, driver, finish, with_preprocess=bool(images))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from hetsched.cli.main import StopFlag
+    from hetsched.cli.common import StopFlag
     from hetsched.client import Client
     from hetsched.observe.tables import format_stage_table, stage_status
     from hetsched.cli.keys import client_key_options
