@@ -110,25 +110,11 @@ def measure(spec: dict, progress=None) -> dict:
     return results
 
 
-def sample_jpeg(width: int = 640, height: int = 480) -> bytes:
-    """A photo-like JPEG (smooth gradients + noise) of a typical camera-frame size."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-    rng = np.random.default_rng(7)
-    yy, xx = np.mgrid[0:height, 0:width]
-    img = np.stack([xx * 255 // width, yy * 255 // height, (xx + yy) * 255 // (width + height)], -1)
-    img = (img + rng.normal(0, 12, img.shape)).clip(0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
 def _measure_preprocess(spec: dict, progress) -> float:
     from hetsched.config import InputConfig
     from hetsched.model.preprocess import preprocess_encoded
     cfg = InputConfig(**spec["preprocess"])
+    from hetsched.model.samples import sample_jpeg
     data = sample_jpeg()
     for _ in range(max(2, spec["warmup"])):
         preprocess_encoded(data, cfg)

@@ -9,45 +9,75 @@ from hetsched.cli.serve import serve
 
 
 def demo_frames(n_images: int = 8):
-    """A built-in set of frames: synthetic JPEG images (so the demo needs no files)."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    frames = []
-    for i in range(n_images):
-        h, w = 360 + 40 * (i % 3), 480 + 40 * (i % 4)
-        yy, xx = np.mgrid[0:h, 0:w]
-        img = np.stack([(xx * (i + 1)) % 256, (yy * (i + 2)) % 256, ((xx + yy) * 3) % 256], -1)
-        img = (img + rng.integers(0, 30, img.shape)).clip(0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="JPEG", quality=90)
-        frames.append((f"synthetic-{i}.jpg", buf.getvalue()))
-    return frames
+    """A built-in set of frames: synthetic camera-size JPEGs (so the demo needs no files), of the
+    same size and kind as the image the profiler times decoding on (the limit then counts the
+    demo's real work)."""
+    from hetsched.model.samples import sample_jpeg
+    return [(f"synthetic-{i}.jpg", sample_jpeg(seed=i)) for i in range(n_images)]
 
 
 def _demo_client(n_frames: int) -> Callable:
+    """The demo's driver: a client in a process of its own (like any client of the service: in the
+    service's process it would share the coordinator's interpreter lock and cores), recording one
+    window with hetsched.observe.recording.record_run; its results come back through a queue."""
     def run(endpoint: str, prep, result: dict, stop) -> None:
-        from hetsched.client import Client
+        import multiprocessing as mp
+        import queue as queue_mod
+
         from hetsched.observe import metrics
-        from hetsched.observe.recording import record_run
         from hetsched.observe.report import predicted_overheads
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        window = 2 * sum(s.replicas for s in prep.plan.stages) + 2
+        args = (endpoint, n_frames, window, metrics.core_rates_fps(prep.measurements, metrics.ENCODED),
+                predicted_overheads(prep.costs, prep.measurements), q)
+        proc = ctx.Process(target=_demo_feeder, args=args, name="hetsched-demo-client", daemon=True)
+        proc.start()
         try:
-            frames = demo_frames()
-            window = 2 * sum(s.replicas for s in prep.plan.stages) + 2
-            replies: list[dict] = []
-            with Client(endpoint, timeout=60) as c:
-                # the demo's frames are JPEG photos: its limit counts decode + preprocess + model per core
-                run, _ = record_run(c, iter(frames * (n_frames // len(frames) + 1)), count=n_frames,
-                                        window=window, stream="demo", traffic=metrics.ENCODED,
-                                        core_rates_fps=metrics.core_rates_fps(prep.measurements, metrics.ENCODED),
-                                        predicted_overhead_ms=predicted_overheads(prep.costs, prep.measurements),
-                                        should_stop=stop, on_result=lambda name, rep: replies.append(rep))
-            result.update(demo_result(run, replies, [n for n, _ in frames]))
-        except Exception as exc:  # reported by the main thread
-            result["error"] = f"{type(exc).__name__}: {exc}"
+            while True:
+                if stop():
+                    result["error"] = "stopped"
+                    return
+                try:
+                    kind, payload = q.get(timeout=0.2)
+                    break
+                except queue_mod.Empty:
+                    if not proc.is_alive():
+                        result["error"] = f"the demo's client exited with code {proc.exitcode}"
+                        return
+            if kind == "error":
+                result["error"] = payload
+            else:
+                result.update(payload)
+        finally:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
     return run
+
+
+def _demo_feeder(endpoint: str, n_frames: int, window: int, core_rates, overheads, q) -> None:
+    """multiprocessing target: feed the built-in frames, put ("ok", demo result) or ("error", text)."""
+    import os
+
+    from hetsched.client import Client
+    from hetsched.host.process import die_with_parent, quiet_garbage_collector
+    from hetsched.observe import metrics
+    from hetsched.observe.recording import record_run
+    die_with_parent(os.getppid())
+    try:
+        frames = demo_frames()
+        replies: list[dict] = []
+        with Client(endpoint, timeout=60) as c:
+            quiet_garbage_collector()
+            # the demo's frames are JPEG photos: its limit counts decode + preprocess + model per core
+            run, _ = record_run(c, iter(frames * (n_frames // len(frames) + 1)), count=n_frames, window=window,
+                                stream="demo", traffic=metrics.ENCODED, core_rates_fps=core_rates,
+                                predicted_overhead_ms=overheads, on_result=lambda name, rep: replies.append(rep))
+        q.put(("ok", demo_result(run, replies, [n for n, _ in frames])))
+    except Exception as exc:
+        q.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
 def demo_result(run, replies: list[dict], names: list[str]) -> dict:
@@ -79,7 +109,9 @@ def _print_demo(result: dict, prep, server) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return serve(args, _demo_client(args.frames), _print_demo)
+    # the demo sends JPEGs and says so: its plan is made for them from the start (a service left to
+    # itself finds out from the traffic and re-plans)
+    return serve(args, _demo_client(args.frames), _print_demo, encoded=True)
 
 
 def add_parser(sub, common) -> None:

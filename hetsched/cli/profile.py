@@ -100,7 +100,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         for p in write_outputs(args.out, result, extra):
             print(f"wrote {p}")
 
-    return serve(args, driver, finish, with_preprocess=bool(images))
+    return serve(args, driver, finish, with_preprocess=True, encoded=bool(images))
 
 
 def cmd_status(args: argparse.Namespace) -> int:

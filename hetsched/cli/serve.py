@@ -16,7 +16,7 @@ from hetsched.cli.plan import plan_report
 
 # ---------------------------------------------------------------------------------- start / demo
 def serve(args: argparse.Namespace, demo: Callable | None, finish: Callable | None = None,
-           with_preprocess: bool = True) -> int:
+          with_preprocess: bool = True, encoded: bool = False) -> int:
     """Prepare and run the service. With ``demo`` (a driver run in a thread as
     demo(endpoint, prep, result, stop)), stop when it returns and call finish(result, prep, server)."""
     from hetsched.config import resolve_clusters
@@ -32,7 +32,7 @@ def serve(args: argparse.Namespace, demo: Callable | None, finish: Callable | No
         # the coordinator's own per-frame work goes to the fastest cores (the planner charges it there)
         home = pin_coordinator(clusters)
         prep = prepare(cfg, progress=progress, clusters=clusters, with_preprocess=with_preprocess,
-                       encoded_share=encoded_share(cfg))
+                       encoded_share=encoded_share(cfg, encoded))
         print(plan_report(prep), flush=True)
         bind = args.bind or (cfg.server.bind if demo is None else f"ipc://{tmp_socket()}")
         with running_service(prep, bind) as server, metrics_exporter(args, cfg, server) as exporter:

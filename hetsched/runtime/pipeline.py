@@ -500,6 +500,8 @@ class Pipeline:
 
     # ---------------------------------------------------------------- supervision
     def _supervise(self, now: float, done: list[FrameResult]) -> None:
+        if self._retire_t is not None:  # a retiring plan's workers exit on purpose: nothing to restart
+            return
         sup = self.supervisor
         alive = {w.wid: w.process.is_alive() for w in self.workers}
         for w in self.workers:
