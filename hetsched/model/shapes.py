@@ -181,8 +181,16 @@ def _symbolic_step(model: onnx.ModelProto) -> dict[str, TensorInfo]:
     except ImportError as exc:  # sympy missing
         log.info("skipping %s: %s", STEP_SYMBOLIC, exc)
         return {}
+    cwd = os.getcwd()
     try:
-        out = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=False)
+        # when it gives up, onnxruntime saves "sym_shape_infer_temp.onnx" (and external data files)
+        # into the current directory: let it do that in a directory of its own
+        with tempfile.TemporaryDirectory(prefix="hetsched-sym-") as tmp:
+            os.chdir(tmp)
+            try:
+                out = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=False)
+            finally:
+                os.chdir(cwd)
     except Exception as exc:  # noqa: BLE001 - unsupported ops and friends
         log.debug("%s failed: %s", STEP_SYMBOLIC, exc)
         return {}
