@@ -21,7 +21,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,27 +33,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from hetsched.client import Client  # noqa: E402
+from scripts.service_process import start_service, stop_service  # noqa: E402
 from hetsched.wire import client_protocol as cp  # noqa: E402
 
 BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
-
-
-def start_service(config: str | None, sock: str, tmp: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "hetsched", "start", "--bind", sock]
-    if config:
-        cmd += ["--config", config]
-    env = {**os.environ, "HETSCHED_CACHE_DIR": os.path.join(tmp, "cache")}
-    log = open(os.path.join(tmp, "service.log"), "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if "serving on" in open(os.path.join(tmp, "service.log")).read():
-            return proc
-        if proc.poll() is not None:
-            raise SystemExit(f"the service exited: {open(os.path.join(tmp, 'service.log')).read()[-2000:]}")
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the service did not start within 180 s")
 
 
 def rss_mb(pid: int) -> float:
@@ -204,12 +186,7 @@ def main(argv=None) -> int:
             st = c.stats()
     finally:
         stop.set()
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_service(proc)
     warm = [m for t, m in rss if t >= 60] or [m for _, m in rss]
     report = [f"Run {time.strftime('%Y-%m-%d %H:%M')}: `python scripts/soak.py --minutes {args.minutes:g}` "
               f"({os.cpu_count()} cores; capacity {cap:.1f} fps, offered {fps:.1f} fps = {args.load:.0%}).", "",
