@@ -87,6 +87,8 @@ def _progress(quiet: bool) -> Callable[[str], None]:
 # ---------------------------------------------------------------------------------- topology
 def cmd_topology(args: argparse.Namespace) -> int:
     from hetsched.host.topology import detect_topology, format_topology
+    if args.ray:
+        return _topology_ray(args)
     topo = detect_topology(args.sysfs_root)
     if args.config:
         import dataclasses
@@ -101,14 +103,48 @@ def cmd_topology(args: argparse.Namespace) -> int:
     return 0
 
 
+def _topology_ray(args: argparse.Namespace) -> int:
+    """Every Ray node's clusters, as a task on each node detects them from its own sysfs."""
+    from hetsched.host.topology import format_topology
+    from hetsched.placement.ray_cluster import RayCluster
+    address, node_ip = args.address, args.node_ip
+    if args.config:
+        from hetsched.config import load_config
+        pl = load_config(args.config).placement
+        address, node_ip = address or pl.address, node_ip or pl.node_ip
+    ray = RayCluster(address or "auto", node_ip)
+    try:
+        if not ray.nodes:
+            eprint("no Ray node declares a hetsched_node_<name> resource (ray start --resources "
+                   "'{\"hetsched_node_NAME\": 1}')")
+            return 1
+        topos = ray.topologies()
+        if args.json:
+            print(json.dumps({"coordinator_ip": ray.home_ip,
+                              "nodes": [dict(t.to_dict(), ip=ray.nodes[n].ip) for n, t in sorted(topos.items())]},
+                             indent=2))
+            return 0
+        for name, t in sorted(topos.items()):
+            node = ray.nodes[name]
+            here = " (this coordinator's node)" if ray.home is not None and ray.home.node_id == node.node_id else ""
+            print(f"node {name}{here}: {node.ip}, host {t.hostname}, raylet CPU set {list(t.allowed)}")
+            print("  " + format_topology(t.topology).replace("\n", "\n  "))
+        return 0
+    finally:
+        ray.shutdown()
+
+
 # ---------------------------------------------------------------------------------- plan
 def plan_report(prep) -> str:
     from hetsched.model.graph import layer_table
     from hetsched.planning.planner import format_plan
     lines = []
+    nodes = prep.placement.describe()["clusters"] if prep.placement is not None else {}
     for c in prep.clusters:
         emu = f"  EMULATED: delivers {c.emulated_speed:.0%} of its cycles" if c.emulated_speed else ""
-        lines.append(f"cluster {c.name:<8} cores {list(c.cores)}{emu}")
+        where = f"  on node {nodes[c.name]['node']} ({nodes[c.name]['ip']}, {nodes[c.name]['link']})" \
+            if c.name in nodes else ""
+        lines.append(f"cluster {c.name:<8} cores {list(c.cores)}{where}{emu}")
     lines.append("")
     lines.append(format_plan(prep.plan))
     if prep.measurements:
@@ -123,14 +159,12 @@ def plan_report(prep) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from hetsched.runtime.service import emulation, encoded_share, prepare
+    from hetsched.runtime.service import emulation, encoded_share, local_clusters, placement_for, prepare
     cfg = load_cfg(args)
-    from hetsched.config import resolve_clusters
-    from hetsched.host.topology import detect_topology
-    clusters = resolve_clusters(cfg, detect_topology())
-    with emulation(clusters, cfg.emulation_period_ms, _progress(args.json)):
+    with placement_for(cfg) as (clusters, placement), \
+            emulation(local_clusters(clusters, placement), cfg.emulation_period_ms, _progress(args.json)):
         prep = prepare(cfg, progress=_progress(args.json), clusters=clusters, with_preprocess=True,
-                       encoded_share=encoded_share(cfg, args.preprocess))
+                       encoded_share=encoded_share(cfg, args.preprocess), placement=placement)
     if args.json:
         out = prep.plan.to_dict()
         out["clusters"] = [c.to_dict() for c in prep.clusters]
@@ -157,20 +191,19 @@ def _serve(args: argparse.Namespace, demo: Callable | None, finish: Callable | N
            with_preprocess: bool = True) -> int:
     """Prepare and run the service. With ``demo`` (a driver run in a thread as
     demo(endpoint, prep, result, stop)), stop when it returns and call finish(result, prep, server)."""
-    from hetsched.config import resolve_clusters
-    from hetsched.runtime.service import emulation, encoded_share, pin_coordinator, prepare, running_service
-    from hetsched.host.topology import detect_topology
+    from hetsched.runtime.service import (emulation, encoded_share, local_clusters, pin_coordinator, placement_for,
+                                          prepare, running_service)
 
     stop = StopFlag().install()
     cfg = load_cfg(args)
-    clusters = resolve_clusters(cfg, detect_topology())
     progress = _progress(False)
     eprint("hetsched: preparing")
-    with emulation(clusters, cfg.emulation_period_ms, progress):
+    with placement_for(cfg) as (clusters, placement), \
+            emulation(local_clusters(clusters, placement), cfg.emulation_period_ms, progress):
         # the coordinator's own per-frame work goes to the fastest cores (the planner charges it there)
-        home = pin_coordinator(clusters)
+        home = pin_coordinator(local_clusters(clusters, placement))
         prep = prepare(cfg, progress=progress, clusters=clusters, with_preprocess=with_preprocess,
-                       encoded_share=encoded_share(cfg))
+                       encoded_share=encoded_share(cfg), placement=placement)
         print(plan_report(prep), flush=True)
         bind = args.bind or (cfg.server.bind if demo is None else f"ipc://{_tmp_socket()}")
         with running_service(prep, bind) as server, metrics_exporter(args, cfg, server) as exporter:
@@ -340,10 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--model", help="ONNX model path (overrides the config's model)")
             sp.add_argument("--no-cache", action="store_true", help="re-measure layer costs instead of using the cache")
 
-    sp = sub.add_parser("topology", help="show this host's CPU clusters")
+    sp = sub.add_parser("topology", help="show this host's CPU clusters (--ray: every Ray node's)")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--sysfs-root", default="/sys")
-    sp.add_argument("--config", help="also apply a config's cluster settings (emulation)")
+    sp.add_argument("--config", help="also apply a config's cluster settings (emulation); with --ray: its "
+                                     "placement.address and node_ip")
+    sp.add_argument("--ray", action="store_true",
+                    help="list the clusters of every Ray node with a hetsched_node_<name> resource, each detected "
+                         "on its node (a Ray task there reads its sysfs)")
+    sp.add_argument("--address", help="with --ray: the Ray cluster (default: the config's placement.address, auto)")
+    sp.add_argument("--node-ip", help="with --ray: this host's address in the Ray cluster")
     sp.set_defaults(func=cmd_topology)
 
     sp = sub.add_parser("plan", help="profile the model on each cluster and show the stage plan")
