@@ -482,6 +482,9 @@ def resolve_clusters(cfg: Config, topology, existing: set[int] | None = None,
     """
     from hetsched.host.topology import Cluster, format_cpulist
 
+    if cfg.placement.ray:
+        raise ConfigError("placement.engine: ray places clusters on Ray nodes, and this command runs on this "
+                          "host only (plan, start, demo, profile and topology --ray use Ray)")
     allowed = set(os.sched_getaffinity(0)) if allowed is None else set(allowed)
     existing = _online_cpus() | allowed if existing is None else set(existing)
     if cfg.clusters is None:

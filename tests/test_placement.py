@@ -196,3 +196,10 @@ def test_remote_workers_stay_while_the_link_is_up_and_exit_when_the_coordinator_
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_local_only_commands_refuse_a_ray_config():
+    from hetsched.config import resolve_clusters
+    from hetsched.host.topology import detect_topology
+    with pytest.raises(ConfigError, match="placement.engine: ray places clusters on Ray nodes"):
+        resolve_clusters(parse_config(RAY2), detect_topology())

@@ -159,6 +159,24 @@ def test_topology_ray_lists_every_nodes_clusters(ray_cluster):
     assert out["coordinator_ip"] == "127.0.0.2"
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("clusters, message", [
+    ("  a_core: {node: board-a, cores: [0]}\n  b_core: {node: board-b, cores: [7]}\n",
+     "clusters.b_core.cores[0]: core 7 does not exist on node board-b"),
+    ("  a_core: {node: board-a, cores: [0]}\n  b_core: {node: board-b, cores: [1], speed: 0.5}\n",
+     "clusters.b_core.speed: emulated speeds run on the coordinator's node only (node board-a)"),
+    ("  a_core: {node: board-z, cores: [0]}\n",
+     "clusters.a_core.node: no alive Ray node declares hetsched_node_board-z (nodes: board-a, board-b)"),
+])
+def test_clusters_are_checked_against_their_node(ray_cluster, tmp_path, clusters, message):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(config(labels=False, measure=False).replace(f"model: {SHARED_MODEL}", "model: builtin:squeezenet1.1")
+                   .replace("  a_core: {node: board-a, cores: [0]}\n  b_core: {node: board-b, cores: [1]}\n", clusters))
+    r = subprocess.run([sys.executable, "-m", "hetsched", "plan", "--config", str(cfg)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
 @pytest.mark.timeout(600)
 def test_real_model_across_two_nodes_with_a_killed_actor(ray_cluster, tmp_path):
     if not SHARED_MODEL.is_file():
