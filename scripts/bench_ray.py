@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -100,6 +101,7 @@ def main() -> int:
             out["ray-tcp"] = run_pipeline(prep, plan, args.frames, args.lone, **all_tcp.pipeline_options())
     finally:
         subprocess.run(["bash", script, "stop"], env=env)
+        shutil.rmtree(state, ignore_errors=True)
     base = out["local-shm"]["lone_p50_ms"]
     for name, hops in (("ray-mixed", 2), ("ray-tcp", 4)):
         out[name]["tcp_hops_per_frame"] = hops
