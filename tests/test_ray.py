@@ -254,6 +254,19 @@ def test_a_killed_coordinator_leaves_no_actor(ray_cluster, tmp_path):
         proc.wait(10)
         wait_for(lambda: not any(psutil.pid_exists(p) for p in pids) and not stage_actors(), timeout=30,
                  what="the actors of a killed coordinator to go")
+        # what they left on their nodes (their model files) goes at the next start, when every node is asked
+        # for its topology
+        tmp = tempfile.gettempdir()
+        left = [d for d in os.listdir(tmp) if any(d.startswith(f"hetsched-actor-{p}-") for p in pids)]
+        dead, alive = f"hetsched-actor-{proc.pid}-test", f"hetsched-actor-{os.getpid()}-test"  # planted
+        for d in (dead, alive):
+            os.makedirs(os.path.join(tmp, d, "x"))
+        r = subprocess.run([sys.executable, "-m", "hetsched", "topology", "--ray", "--address", f"127.0.0.2:{PORT}",
+                            "--node-ip", "127.0.0.2"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert not [d for d in left + [dead] if os.path.exists(os.path.join(tmp, d))]
+        assert os.path.isdir(os.path.join(tmp, alive))  # a live process's directory stays
+        shutil.rmtree(os.path.join(tmp, alive))
     finally:
         if proc.poll() is None:
             proc.kill()

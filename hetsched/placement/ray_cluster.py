@@ -43,11 +43,14 @@ class NodeTopology:
 
 
 def _detect_here(node: str, sysfs_root: str = "/sys") -> NodeTopology:
-    """Runs on the node (a Ray task)."""
+    """Runs on the node (a Ray task) at every start; also removes what killed actors left there."""
     import socket
+    import tempfile
 
     from hetsched.config import _online_cpus
     from hetsched.host.topology import detect_topology
+    from hetsched.placement.ray_workers import sweep_model_dirs
+    sweep_model_dirs(tempfile.gettempdir())
     allowed = tuple(sorted(os.sched_getaffinity(0)))
     return NodeTopology(node, socket.gethostname(), detect_topology(sysfs_root), tuple(sorted(_online_cpus())),
                         allowed)

@@ -50,7 +50,7 @@ def pin_process(cores) -> None:
     os.sched_setaffinity(0, cores)
 
 
-def _sweep_model_dirs(base: str) -> None:
+def sweep_model_dirs(base: str) -> None:
     """Remove model directories of actor processes that are gone (a SIGKILL leaves its directory)."""
     for name in os.listdir(base):
         if not name.startswith(MODEL_DIR_PREFIX):
@@ -72,7 +72,7 @@ class StageActor:
 
     def run(self, spec: WorkerSpec, model: bytes) -> int:
         base = tempfile.gettempdir()
-        _sweep_model_dirs(base)
+        sweep_model_dirs(base)
         workdir = tempfile.mkdtemp(prefix=f"{MODEL_DIR_PREFIX}{os.getpid()}-", dir=base)
         try:
             path = os.path.join(workdir, os.path.basename(spec.model_path))
