@@ -3,7 +3,10 @@
 Schema (every key optional; see configs/*.yaml for commented examples)::
 
     model: builtin:squeezenet1.1      # or a path to any ONNX file (relative to the config file)
-    clusters: auto                    # detect from sysfs, or a mapping name -> {cores: [..], speed: s}
+    clusters: auto                    # detect from sysfs, or a mapping name -> {cores: [..], speed: s, node: n}
+                                      #   (node: the Ray node the cluster lives on, placement.engine ray only)
+    placement: {engine: local, address: auto, node_ip: null, orphan_timeout_s: 10}
+                                      # engine ray: clusters on several hosts (hetsched.placement, README)
     emulate_big_little:               # only with clusters: auto on a host with ONE kind of core:
       little_speed: 0.5               #   split the cores into a big half and an emulated little half
     planner: {max_stages: 4, tie_tolerance: 0.02, allow_replicas: true, allow_pools: true, max_cut_tensors: 1,
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -40,6 +44,7 @@ import yaml
 from hetsched.errors import ConfigError
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
+NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class ClusterConfig:
     name: str
     cores: tuple[int, ...]
     speed: float | None = None  # emulated fraction of cycles; None = run at the core's own speed
+    node: str | None = None     # the Ray node (its resource hetsched_node_<node>); placement.engine ray only
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,19 @@ class TransportConfig:
     kind: str = "ipc"  # ipc | tcp
     host: str = "127.0.0.1"
     hwm: int = 1
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """Where workers run: ``local`` (this host) or ``ray`` (clusters on the Ray nodes they name)."""
+    engine: str = "local"             # local | ray
+    address: str = "auto"             # ray.init's address: "auto" or host:port of the head's GCS
+    node_ip: str | None = None        # this (the coordinator's) node's address in the Ray cluster; None: Ray's guess
+    orphan_timeout_s: float = 10.0    # a remote worker exits when its control link is down this long
+
+    @property
+    def ray(self) -> bool:
+        return self.engine == "ray"
 
 
 @dataclass(frozen=True)
@@ -160,6 +179,7 @@ class Config:
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     input: InputConfig = field(default_factory=InputConfig)
     model_input: ModelInputConfig = field(default_factory=ModelInputConfig)
@@ -281,30 +301,41 @@ def _clusters(raw: Any, key: str) -> tuple[ClusterConfig, ...] | None:
     if not raw:
         raise ConfigError(f"{key}: at least one cluster is needed")
     out = []
-    seen: dict[int, str] = {}
+    seen: dict[tuple, str] = {}
     for name, spec in raw.items():
         ck = f"{key}.{name}"
         _expect(spec, dict, ck, "a mapping with 'cores'")
-        unknown = sorted(set(spec) - {"cores", "speed"})
+        unknown = sorted(set(spec) - {"cores", "speed", "node"})
         if unknown:
-            raise ConfigError(f"{ck}.{unknown[0]}: unknown key (known: cores, speed)")
+            raise ConfigError(f"{ck}.{unknown[0]}: unknown key (known: cores, node, speed)")
         if "cores" not in spec:
             raise ConfigError(f"{ck}.cores: missing (a list of CPU ids)")
         cores = _expect(spec["cores"], list, f"{ck}.cores", "a list of CPU ids")
         if not cores:
             raise ConfigError(f"{ck}.cores: empty")
+        where = spec.get("node")  # the same core ids may be used on different nodes
         for i, c in enumerate(cores):
             _int(0)(c, f"{ck}.cores[{i}]")
-            if c in seen:
-                raise ConfigError(f"{ck}.cores[{i}]: core {c} is already in cluster {seen[c]!r}")
-            seen[c] = str(name)
+            if (where, c) in seen:
+                raise ConfigError(f"{ck}.cores[{i}]: core {c} is already in cluster {seen[where, c]!r}")
+            seen[where, c] = str(name)
         speed = spec.get("speed")
         if speed is not None:
             speed = _float(0.05, 1.0)(speed, f"{ck}.speed")
             if speed == 1.0:
                 speed = None
-        out.append(ClusterConfig(str(name), tuple(cores), speed))
+        node = spec.get("node")
+        if node is not None:
+            node = _node_name(node, f"{ck}.node")
+        out.append(ClusterConfig(str(name), tuple(cores), speed, node))
     return tuple(out)
+
+
+def _node_name(v: Any, key: str) -> str:
+    _expect(v, str, key, "a Ray node name (the NAME of its resource hetsched_node_NAME)")
+    if not NODE_NAME.fullmatch(v):
+        raise ConfigError(f"{key}: {v!r} is not a node name (letters, digits, '.', '_', '-'; at most 64)")
+    return v
 
 
 def parse_config(raw: Any, path: str | None = None) -> Config:
@@ -312,7 +343,7 @@ def parse_config(raw: Any, path: str | None = None) -> Config:
         raw = {}
     _expect(raw, dict, "<top level>", "a mapping")
     known = {"model", "clusters", "emulate_big_little", "planner", "profile", "transport", "server", "input", "emulation",
-             "security", "limits", "model_input", "model_output"}
+             "security", "limits", "model_input", "model_output", "placement"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
@@ -346,6 +377,7 @@ def parse_config(raw: Any, path: str | None = None) -> Config:
         "refine": _int(0), "cache_tolerance": _float(0.0, 10.0)})
     transport = _section(raw, "transport", TransportConfig, {
         "kind": _choice("ipc", "tcp"), "host": _str, "hwm": _int(1)})
+    placement = _placement(raw, clusters)
     server = _section(raw, "server", ServerConfig, {
         "bind": _str, "max_inflight": _opt_int(1), "max_pending": _int(1), "metrics_port": _opt_int(0),
         "metrics_host": _str})
@@ -368,9 +400,25 @@ def parse_config(raw: Any, path: str | None = None) -> Config:
         "max_streams_per_client": _opt_int(1), "max_inflight_per_client": _opt_int(1),
         "max_encoded_bytes": _opt_int(1024), "max_pixels": _opt_int(64), "max_side": _opt_int(8)})
     return Config(model=model, clusters=clusters, little_speed=little, planner=planner, profile=profile,
-                  transport=transport, server=server, input=inp, model_input=model_input,
+                  transport=transport, placement=placement, server=server, input=inp, model_input=model_input,
                   model_output=model_output, emulation_period_ms=period,
                   security=security, limits=limits, path=path)
+
+
+def _placement(raw: Mapping, clusters: tuple[ClusterConfig, ...] | None) -> PlacementConfig:
+    pl = _section(raw, "placement", PlacementConfig, {
+        "engine": _choice("local", "ray"), "address": _str, "node_ip": _opt_str,
+        "orphan_timeout_s": _float(1.0, 3600.0)})
+    if not pl.address.strip():
+        raise ConfigError("placement.address: empty (\"auto\" or the head node's host:port)")
+    for c in clusters or ():
+        if pl.ray and c.node is None:
+            raise ConfigError(f"clusters.{c.name}.node: missing (with placement.engine ray every cluster names "
+                              "the Ray node it lives on, e.g. node: board-a)")
+        if not pl.ray and c.node is not None:
+            raise ConfigError(f"clusters.{c.name}.node: only with placement.engine ray (this config places every "
+                              "worker on this host)")
+    return pl
 
 
 def _security(raw: Mapping, path: str | None) -> SecurityConfig:
@@ -434,6 +482,9 @@ def resolve_clusters(cfg: Config, topology, existing: set[int] | None = None,
     """
     from hetsched.host.topology import Cluster, format_cpulist
 
+    if cfg.placement.ray:
+        raise ConfigError("placement.engine: ray places clusters on Ray nodes, and this command runs on this "
+                          "host only (plan, start, demo, profile and topology --ray use Ray)")
     allowed = set(os.sched_getaffinity(0)) if allowed is None else set(allowed)
     existing = _online_cpus() | allowed if existing is None else set(existing)
     if cfg.clusters is None:

@@ -126,23 +126,27 @@ def _measure_preprocess(spec: dict, progress) -> float:
     return statistics.median(times) * 1e3
 
 
+def pinned_measure(spec: dict, progress=None) -> dict:
+    """Pin to the spec's cores, measure, and add the foreign CPU load seen on them meanwhile."""
+    from hetsched.profiling import load
+    os.sched_setaffinity(0, spec["cores"])
+    cores = spec["cores"]
+    expected = spec.get("expected_pids", ())
+    before = load.sample(cores, expected)  # other processes' CPU on these cores while we measure
+    results = measure(spec, progress)
+    results["load"] = (before, load.sample(cores, expected))
+    return results
+
+
 def run(spec: dict, queue) -> None:
     """multiprocessing target: pin, measure, put ("ok", results) or ("error", message)."""
     from hetsched.host.process import die_with_parent
-    from hetsched.profiling import load
     die_with_parent(spec["parent_pid"])
     try:
-        os.sched_setaffinity(0, spec["cores"])
-
         def progress(threads, done, total):
             queue.put(("progress", {"threads": threads, "done": done, "total": total}))
 
-        cores = spec["cores"]
-        expected = spec.get("expected_pids", ())
-        before = load.sample(cores, expected)  # other processes' CPU on these cores while we measure
-        results = measure(spec, progress)
-        results["load"] = (before, load.sample(cores, expected))
-        queue.put(("ok", results))
+        queue.put(("ok", pinned_measure(spec, progress)))
     except Exception as exc:  # reported to the coordinator, which raises it
         queue.put(("error", f"{type(exc).__name__}: {exc}"))
         sys.exit(1)

@@ -12,9 +12,12 @@ from hetsched.cli.common import load_cfg, progress_printer as _progress
 def plan_report(prep) -> str:
     from hetsched.planning.planner import format_plan
     lines = []
+    nodes = prep.placement.describe()["clusters"] if prep.placement is not None else {}
     for c in prep.clusters:
         emu = f"  EMULATED: delivers {c.emulated_speed:.0%} of its cycles" if c.emulated_speed else ""
-        lines.append(f"cluster {c.name:<8} cores {list(c.cores)}{emu}")
+        where = f"  on node {nodes[c.name]['node']} ({nodes[c.name]['ip']}, {nodes[c.name]['link']})" \
+            if c.name in nodes else ""
+        lines.append(f"cluster {c.name:<8} cores {list(c.cores)}{where}{emu}")
     lines.append("")
     lines.append(format_plan(prep.plan))
     if prep.measurements:
@@ -29,14 +32,12 @@ def plan_report(prep) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from hetsched.runtime.service import emulation, encoded_share, prepare
+    from hetsched.runtime.service import emulation, encoded_share, local_clusters, placement_for, prepare
     cfg = load_cfg(args)
-    from hetsched.config import resolve_clusters
-    from hetsched.host.topology import detect_topology
-    clusters = resolve_clusters(cfg, detect_topology())
-    with emulation(clusters, cfg.emulation_period_ms, _progress(args.json)):
+    with placement_for(cfg) as (clusters, placement), \
+            emulation(local_clusters(clusters, placement), cfg.emulation_period_ms, _progress(args.json)):
         prep = prepare(cfg, progress=_progress(args.json), clusters=clusters, with_preprocess=True,
-                       encoded_share=encoded_share(cfg, args.preprocess))
+                       encoded_share=encoded_share(cfg, args.preprocess), placement=placement)
     if args.json:
         out = prep.plan.to_dict()
         out["clusters"] = [c.to_dict() for c in prep.clusters]

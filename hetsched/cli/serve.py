@@ -19,20 +19,19 @@ def serve(args: argparse.Namespace, demo: Callable | None, finish: Callable | No
           with_preprocess: bool = True, encoded: bool = False) -> int:
     """Prepare and run the service. With ``demo`` (a driver run in a thread as
     demo(endpoint, prep, result, stop)), stop when it returns and call finish(result, prep, server)."""
-    from hetsched.config import resolve_clusters
-    from hetsched.runtime.service import emulation, encoded_share, pin_coordinator, prepare, running_service
-    from hetsched.host.topology import detect_topology
+    from hetsched.runtime.service import (emulation, encoded_share, local_clusters, pin_coordinator, placement_for,
+                                          prepare, running_service)
 
     stop = StopFlag().install()
     cfg = load_cfg(args)
-    clusters = resolve_clusters(cfg, detect_topology())
     progress = _progress(False)
     eprint("hetsched: preparing")
-    with emulation(clusters, cfg.emulation_period_ms, progress):
+    with placement_for(cfg) as (clusters, placement), \
+            emulation(local_clusters(clusters, placement), cfg.emulation_period_ms, progress):
         # the coordinator's own per-frame work goes to the fastest cores (the planner charges it there)
-        home = pin_coordinator(clusters)
+        home = pin_coordinator(local_clusters(clusters, placement))
         prep = prepare(cfg, progress=progress, clusters=clusters, with_preprocess=with_preprocess,
-                       encoded_share=encoded_share(cfg, encoded))
+                       encoded_share=encoded_share(cfg, encoded), placement=placement)
         print(plan_report(prep), flush=True)
         bind = args.bind or (cfg.server.bind if demo is None else f"ipc://{tmp_socket()}")
         with running_service(prep, bind) as server, metrics_exporter(args, cfg, server) as exporter:

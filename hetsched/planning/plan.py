@@ -54,6 +54,11 @@ class TransferModel:
     def cost_ms(self, nbytes: int) -> float:
         return float(self.per_message_ms) + float(self.per_mb_ms) * (float(nbytes) / MIB)
 
+    def for_cluster(self, cluster: str) -> "TransferModel":
+        """The crossing cost of a worker on ``cluster`` (the same everywhere here; per link in
+        ``hetsched.planning.links.LinkTransferModel``)."""
+        return self
+
 
 @dataclass(frozen=True)
 class StageSpec:

@@ -134,6 +134,7 @@ def _service_matrix(costs: CostTable, cluster: str, threads: int, transfer: Tran
     n = costs.n_layers
     row = np.asarray(costs.layer_ms[cluster][threads], dtype=float)
     cum = np.concatenate(([0.0], np.cumsum(row)))
+    transfer = transfer.for_cluster(cluster)  # a worker on another node crosses its link (planning.links)
     tc = np.array([transfer.cost_ms(b) for b in costs.boundary_bytes], dtype=float)
     svc = cum[None, 1:] - cum[:-1, None] + float(costs.stage_overhead_ms.get(cluster, 0.0))
     svc = svc + tc[:n, None] + tc[None, 1:]
@@ -149,6 +150,7 @@ def _member(costs: CostTable, transfer: TransferModel, cluster: str, cores: tupl
     compute = layers + float(costs.stage_overhead_ms.get(cluster, 0.0))
     if first == 0:
         compute += float(costs.input_ms.get(cluster, 0.0))
+    transfer = transfer.for_cluster(cluster)
     xfer = transfer.cost_ms(costs.boundary_bytes[first]) + transfer.cost_ms(costs.boundary_bytes[last + 1])
     return Member(cluster, tuple(cores), threads, replicas, compute, xfer, layers)
 

@@ -9,6 +9,9 @@ The cache is not trusted for ever: at every start the whole model is timed once 
 cluster whose speed moved by more than ``profile.cache_tolerance`` is measured again; a
 measurement during which other processes used the cores (``hetsched.profiling.load``) is
 reported and cached flagged as disturbed, so the next start measures it again.
+
+Where the profiler runs is a hook: ``runner(spec, cluster, timeout, progress) -> result`` replaces
+the local pinned process (``hetsched.placement.ray_profile`` runs it on the cluster's Ray node).
 """
 
 from __future__ import annotations
@@ -107,7 +110,8 @@ def measure_clusters_checked(model: onnx.ModelProto, graph: ModelGraph, clusters
                              cache_dir: str | None = None, timeout: float = 600.0,
                              progress: Callable[[str], None] | None = None, preprocess: dict | None = None,
                              tolerance: float = CACHE_TOLERANCE, expected_pids: Iterable[int] | None = None,
-                             disturbance_limit: float = DISTURBANCE_LIMIT) -> MeasureResult:
+                             disturbance_limit: float = DISTURBANCE_LIMIT, runner: "ProfileRunner | None" = None
+                             ) -> MeasureResult:
     """Layer costs per cluster, from the cache when a quick whole-model check still agrees with it.
 
     For a cluster with trusted cached costs, the whole model is timed on that cluster (a pinned
@@ -130,7 +134,7 @@ def measure_clusters_checked(model: onnx.ModelProto, graph: ModelGraph, clusters
         cached_ms = None
         if cached is not None and flagged is None:
             cached_ms = reference
-            now_ms, check_load = _check_speed(model, graph, cluster, expected, timeout)
+            now_ms, check_load = _check_speed(model, graph, cluster, expected, timeout, runner)
             dev = now_ms / cached_ms - 1.0
             verdict = f"cluster {cluster.name}: cached {cached_ms:.2f} ms, now {now_ms:.2f} ms ({dev:+.0%})"
             if check_load.disturbed(disturbance_limit):
@@ -146,7 +150,7 @@ def measure_clusters_checked(model: onnx.ModelProto, graph: ModelGraph, clusters
         if layer_models is None:
             layer_models = [extract_stage(model, graph, i, i).SerializeToString() for i in range(len(graph.layers))]
         m, mload, check_ms = _measure_one(model, graph, cluster, layer_models, repeats, warmup, timeout, progress,
-                                          preprocess, expected)
+                                          preprocess, expected, runner)
         disturbed = mload.disturbed(disturbance_limit)
         if disturbed:
             result.warnings.append(f"cluster {cluster.name}: {mload.describe()}; costs may be too high"
@@ -205,17 +209,23 @@ def _read_epoch(cache_dir: str, graph: ModelGraph, cluster: Cluster) -> str | No
 
 
 def _check_speed(model: onnx.ModelProto, graph: ModelGraph, cluster: Cluster, expected: list[int],
-                 timeout: float) -> tuple[float, CoreLoad]:
+                 timeout: float, runner: "ProfileRunner | None" = None) -> tuple[float, CoreLoad]:
     """Median ms of the whole model on one thread of ``cluster`` (the start-up speed check)."""
     from workers.profile_worker import run as profile_run
     spec = {"cores": list(cluster.cores), "threads": [1], "whole_model": model.SerializeToString(),
             "whole_inputs": [t.to_dict() for t in graph.inputs], "repeats": CHECK_REPEATS, "warmup": CHECK_WARMUP,
             "parent_pid": os.getpid(), "expected_pids": expected}
-    res = _run_profiler(spec, cluster, timeout, None, profile_run)
+    res = _run_profiler(spec, cluster, timeout, None, profile_run, runner)
     return float(res["whole_ms"][1]), core_load(*res["load"])
 
 
-def _run_profiler(spec: dict, cluster: Cluster, timeout: float, progress, profile_run) -> dict:
+ProfileRunner = Callable[[dict, Cluster, float, "Callable[[str], None] | None"], dict]
+
+
+def _run_profiler(spec: dict, cluster: Cluster, timeout: float, progress, profile_run,
+                  runner: ProfileRunner | None = None) -> dict:
+    if runner is not None:  # elsewhere (another node): the runner pins and measures there
+        return runner(spec, cluster, timeout, progress)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     proc = ctx.Process(target=profile_run, args=(spec, q), name=f"hetsched-profile-{cluster.name}", daemon=True)
@@ -256,7 +266,8 @@ def measure_stages(model: onnx.ModelProto, graph: ModelGraph, clusters: Sequence
                    requests: Sequence[tuple[str, int, int, int]], *, repeats: int = 20, warmup: int = 3,
                    use_cache: bool = True, cache_dir: str | None = None, timeout: float = 600.0,
                    progress: Callable[[str], None] | None = None, expected_pids: Iterable[int] | None = None,
-                   disturbance_limit: float = DISTURBANCE_LIMIT) -> dict[tuple[str, int, int, int], float]:
+                   disturbance_limit: float = DISTURBANCE_LIMIT, runner: ProfileRunner | None = None
+                   ) -> dict[tuple[str, int, int, int], float]:
     """Median ms of whole stage sub-models: requests are (cluster, first graph layer, last, threads),
     each timed by a process pinned to that cluster's cores. Cached timings are used only while the
     cluster's layer costs have not been measured again since (epoch); disturbed timings are not cached."""
@@ -292,7 +303,7 @@ def measure_stages(model: onnx.ModelProto, graph: ModelGraph, clusters: Sequence
                 "parent_pid": os.getpid(), "expected_pids": expected,
                 "stage_models": {f"{r[1]}-{r[2]}-{r[3]}": (r[3], extract_stage(model, graph, r[1], r[2]).SerializeToString(),
                                                            [t.to_dict() for t in graph.boundaries[r[1]]]) for r in reqs}}
-        result = _run_profiler(spec, cluster, timeout, None, profile_run)
+        result = _run_profiler(spec, cluster, timeout, None, profile_run, runner)
         sload = core_load(*result["load"])
         trusted = not sload.disturbed(disturbance_limit)
         if not trusted:
@@ -307,7 +318,8 @@ def measure_stages(model: onnx.ModelProto, graph: ModelGraph, clusters: Sequence
 
 
 def _measure_one(model, graph, cluster, layer_models, repeats, warmup, timeout, progress,
-                 preprocess, expected: list[int]) -> tuple[ClusterMeasurement, CoreLoad, float | None]:
+                 preprocess, expected: list[int], runner: ProfileRunner | None = None
+                 ) -> tuple[ClusterMeasurement, CoreLoad, float | None]:
     from workers.profile_worker import run as profile_run
 
     spec = {
@@ -318,7 +330,7 @@ def _measure_one(model, graph, cluster, layer_models, repeats, warmup, timeout, 
         "repeats": repeats, "warmup": warmup, "parent_pid": os.getpid(), "preprocess": preprocess,
         "expected_pids": expected, "check_repeats": CHECK_REPEATS, "check_warmup": CHECK_WARMUP,
     }
-    result = _run_profiler(spec, cluster, timeout, progress, profile_run)
+    result = _run_profiler(spec, cluster, timeout, progress, profile_run, runner)
     m = ClusterMeasurement(cluster.name, tuple(cluster.cores),
                            {int(t): tuple(v) for t, v in result["layer_ms"].items()},
                            {int(t): float(v) for t, v in result["whole_ms"].items()},

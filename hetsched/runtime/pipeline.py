@@ -12,7 +12,10 @@ clusters (each frame to the worker that finishes it first, ``runtime.dispatch``)
 where every frame is: when a worker is lost only its frames are replayed, at their stage, from their
 intact input slot (``runtime.ledger``). Control (READY/GO/RUNNING, STATS heartbeats, regions, STOP)
 uses a separate ROUTER socket. Over tcp:// (workers on other hosts) tensors travel in the messages
-and the coordinator relays them from stage to stage.
+and the coordinator relays them from stage to stage. ``transport="mixed"`` (workers on several
+nodes, ``hetsched.placement``): each worker for which ``endpoint_host`` names a host is linked over
+tcp:// (tensors in its messages), the others by rings on this host; the coordinator moves a frame's
+tensors between a ring slot and messages where a link of one kind follows one of the other.
 """
 
 from __future__ import annotations
@@ -117,8 +120,11 @@ class Pipeline:
         self._last_check = 0.0
         self._in_expected = [(t.dtype, tuple(t.shape)) for t in graph.inputs]
         self._tcp = transport == "tcp"
+        self._mixed = transport == "mixed"     # per worker: rings here, or tensors in tcp:// messages
+        self._net = self._tcp or self._mixed   # the coordinator's own sockets over tcp://, CURVE
         # how workers are started (hetsched.runtime.workers.local_launcher by default) and, over tcp://,
-        # which address each worker binds (a callable WorkerSpec-less (stage, worker, cores) -> host)
+        # which address each worker binds (a callable (stage, worker, cores, cluster) -> host; with
+        # transport "mixed", None: a worker on this host, linked by shared-memory rings)
         self.launcher, self.endpoint_host = launcher, endpoint_host
         # called with (cluster, measured compute ms, predicted layers ms) for every frame a worker did
         self.observer: Any = None
@@ -138,12 +144,16 @@ class Pipeline:
 
     # ---------------------------------------------------------------- start
     def _endpoint(self, name: str) -> str:
-        return f"tcp://{self.host}:*" if self._tcp else f"ipc://{os.path.join(self.run_dir, name)}"
+        return f"tcp://{self.host}:*" if self._net else f"ipc://{os.path.join(self.run_dir, name)}"
 
-    def _worker_endpoint(self, wid: int, stage: int, cores) -> str:
-        if self._tcp and self.endpoint_host is not None:
-            return f"tcp://{self.endpoint_host(stage, wid, tuple(cores))}:*"
-        return self._endpoint(f"w{wid}")
+    def _worker_endpoint(self, wid: int, stage: int, cores, cluster: str) -> tuple[str, bool]:
+        """(the endpoint the worker binds, whether its tensors travel in messages)"""
+        host = self.endpoint_host(stage, wid, tuple(cores), cluster) if self._net and self.endpoint_host else None
+        if host is not None:
+            return f"tcp://{host}:*", True
+        if self._mixed:
+            return f"ipc://{os.path.join(self.run_dir, f'w{wid}')}", False
+        return self._endpoint(f"w{wid}"), self._tcp
 
     def start(self) -> "Pipeline":
         """Start every worker and wait (bounded) until all run."""
@@ -177,7 +187,7 @@ class Pipeline:
         keep_large_buffers()
         sweep_stale_rings()
         self._ctx = zmq.Context()
-        self.link_keys = LinkKeys.generate() if self._tcp else None
+        self.link_keys = LinkKeys.generate() if self._net else None
         self._link_auth = start_link_authenticator(self._ctx, self.link_keys, "coordinator control/results")
         self._ctl = self._ctx.socket(zmq.ROUTER)
         self._ctl.setsockopt(zmq.LINGER, 0)
@@ -206,18 +216,19 @@ class Pipeline:
             onnx.save(stage_model(self.model, self.graph, st, self.topk if st.index == last else None), path)
             passthrough = tuple(passthrough_names(self.graph, st.first_layer, st.last_layer))
             for member, cores in st.workers():
+                endpoint, framed = self._worker_endpoint(wid, st.index, cores, member.cluster)
                 spec = WorkerSpec(
                     stage=st.index, worker=wid, cores=tuple(cores), threads=member.threads, model_path=path,
                     inputs=_descs(bounds[st.index]), outputs=_descs(bounds[st.index + 1]), passthrough=passthrough,
-                    data_endpoint=self._worker_endpoint(wid, st.index, cores), results_endpoint=results_ep,
-                    ctl_endpoint=ctl_ep,
-                    parent_pid=os.getpid(), in_ring=ring_specs[st.index], out_ring=ring_specs[st.index + 1],
+                    data_endpoint=endpoint, results_endpoint=results_ep, ctl_endpoint=ctl_ep, parent_pid=os.getpid(),
+                    in_ring=None if framed else ring_specs[st.index], out_ring=None if framed else ring_specs[st.index + 1],
                     preprocess=self.preprocess if st.index == 0 else None,
                     image_limits=dataclasses.asdict(self.image_limits) if (st.index == 0 and self.image_limits) else None,
                     topk=self.topk if st.index == last else None, stats_interval=self.stats_interval,
                     connect_timeout=self.start_timeout,
                     log_level=logging.getLogger("hetsched").getEffectiveLevel(),
-                    link_keys=self.link_keys.to_dict() if self.link_keys else None, spinning=self.spinning)
+                    link_keys=self.link_keys.to_dict() if self.link_keys else None, spinning=self.spinning,
+                    cluster=member.cluster)
                 w = WorkerHandle(spec, member.cluster, member.service_ms, member.layers_ms)
                 self.workers.append(w)
                 self._by_wid[wid], self._by_ident[w.identity] = w, w
@@ -345,15 +356,21 @@ class Pipeline:
                 disp.on_dispatch(wid, now)
 
     def _send_work(self, w: WorkerHandle, rec: FrameRec) -> None:
+        framed = self._tcp or (self._mixed and w.spec.in_ring is None)
         if rec.stage > 0:
-            if self._tcp:
+            if framed:
                 parts = [sp.pack_work(sp.KIND_TENSORS, rec.fid, rec.attempt, rec.slot, rec.t_submit),
-                         *self._carry[rec.fid]]
+                         *(self._carry[rec.fid] if self._tcp else self._mixed_frames(rec))]
             else:
+                if self._mixed:
+                    self._mixed_to_ring(rec)
                 parts = [sp.pack_work(sp.KIND_RING, rec.fid, rec.attempt, rec.slot, rec.t_submit)]
         else:
             kind, payload = rec.source
-            if kind == SRC_RING:
+            if kind == SRC_RING and framed:  # mixed: a tensor in ring 0 for a worker linked by tcp://
+                parts = [sp.pack_work(sp.KIND_TENSORS, rec.fid, rec.attempt, rec.slot, rec.t_submit),
+                         *self._mixed_frames(rec)]
+            elif kind == SRC_RING:
                 parts = [sp.pack_work(sp.KIND_RING, rec.fid, rec.attempt, rec.slot, rec.t_submit)]
             elif kind == SRC_REGION:
                 parts = [sp.pack_work(sp.KIND_REGION, rec.fid, rec.attempt, rec.slot, rec.t_submit,
@@ -369,6 +386,20 @@ class Pipeline:
             w.feed.send(parts[0])
         else:
             w.feed.send_multipart(parts, copy=False)
+
+    # ---------------------------------------------------------------- transport "mixed"
+    def _mixed_frames(self, rec: FrameRec) -> list:
+        """The frame's tensors for its stage: as the previous (tcp://) stage sent them, or from the ring
+        slot the previous (shared-memory) stage wrote; the slot stays intact until the frame moves on."""
+        carried = self._carry.get(rec.fid)
+        return carried if carried is not None else self.rings[rec.stage].views(rec.slot)
+
+    def _mixed_to_ring(self, rec: FrameRec) -> None:
+        """Tensors a tcp:// stage sent, into the ring slot its shared-memory successor reads."""
+        carried = self._carry.get(rec.fid)
+        if carried is not None:
+            for dst, f in zip(self.rings[rec.stage].views(rec.slot), carried):
+                np.copyto(dst, np.frombuffer(f.buffer, dtype=dst.dtype).reshape(dst.shape))
 
     # ---------------------------------------------------------------- the loop
     def register(self, poller: zmq.Poller) -> None:
@@ -422,9 +453,12 @@ class Pipeline:
             w = self._by_wid[d.worker]
             self.observer(w.cluster, (d.t_end - d.t_start) * 1e3, w.layers_ms)
         rec = out.frame
+        framed = self._tcp or (self._mixed and self._by_wid[d.worker].spec.in_ring is None)
         if out.kind == "advance":
-            if self._tcp:
+            if framed:
                 self._carry[rec.fid] = parts[1:]
+            elif self._mixed:
+                self._carry.pop(rec.fid, None)  # the ring slot holds the frame's tensors now
             return
         if out.kind == "failed":
             self.frame_errors.append({"frame_id": rec.fid, "stage": d.stage, "code": out.code, "error": out.detail})
@@ -432,7 +466,7 @@ class Pipeline:
             return
         outputs: list[np.ndarray] = []
         if rec.want_outputs:
-            if self._tcp:
+            if framed:
                 outputs = [np.frombuffer(f.buffer, dtype=t.dtype).reshape(t.shape)
                            for f, t in zip(parts[1:], self.graph.outputs)]
             else:

@@ -2,6 +2,11 @@
 
 This is the coordinator's set-up sequence, shared by ``hetsched plan``, ``start``, ``profile`` and
 the benchmark. Every step reports progress through a callback; nothing here prints.
+
+Where workers run comes from ``placement_for``: this host (``placement.engine: local``), or the Ray
+nodes the clusters name (``ray``: ``hetsched.placement.ray_placement.RayPlacement``, which also
+profiles each cluster on its node, probes each node's link for the planner's transfer costs and
+gives the pipeline its launcher).
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import onnx
 
@@ -22,6 +27,7 @@ from hetsched.planning.costs import (DEFAULT_PREPROCESS_MS, ClusterMeasurement, 
 from hetsched.model.graph import ModelGraph, analyze, load_model
 from hetsched.planning.planner import ClusterSpec, CostTable, Plan, TransferModel, plan_pipeline
 from hetsched.host.topology import Cluster, Topology, detect_topology
+from hetsched.placement.cores import CoreMap
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +50,44 @@ class Prepared:
     coordinator_cores: tuple[int, ...] = ()  # where the coordinator process runs (pinned)
     preprocess_ms: dict = field(default_factory=dict)  # cluster -> ms to decode + preprocess one typical image
     encoded_share: float = 0.0     # share of encoded (JPEG/PNG) frames the plan was made for
+    placement: Any = None          # None: this host; a hetsched.placement.ray_placement.RayPlacement
+    core_map: CoreMap = field(default_factory=CoreMap)  # planner core ids -> real ones (several nodes)
 
     def cluster_specs(self) -> list[ClusterSpec]:
-        return [ClusterSpec(c.name, c.cores) for c in self.clusters]
+        """The clusters as the planner sees them (core ids unique across nodes)."""
+        return planner_specs(self.clusters, self.placement)[0]
 
     def replan(self, **kw) -> Plan:
-        return make_plan(self.config, self.costs, self.cluster_specs(), self.transfer, **kw)
+        return self.core_map.localize(make_plan(self.config, self.costs, self.cluster_specs(), self.transfer, **kw))
 
     def limit_fps(self, traffic: str = "raw") -> float:
         """The machine's limit for ``traffic`` ("raw" or "encoded"), from the profile
         (``hetsched.observe.metrics``: the same definition as every report)."""
         from hetsched.observe import metrics
         return metrics.limit_fps(metrics.core_rates_fps(self.measurements, traffic)) or 0.0
+
+
+@contextlib.contextmanager
+def placement_for(cfg: Config, sysfs_root: str = "/sys") -> Iterator[tuple[list[Cluster], Any]]:
+    """The clusters to run on and where they are: (clusters, None) on this host, or (clusters, a
+    RayPlacement) with ``placement.engine: ray`` (connected to Ray until the block ends)."""
+    if not cfg.placement.ray:
+        yield resolve_clusters(cfg, detect_topology(sysfs_root)), None
+        return
+    from hetsched.placement.ray_placement import RayPlacement
+    with RayPlacement(cfg) as placement:
+        yield placement.clusters, placement
+
+
+def local_clusters(clusters: Sequence[Cluster], placement: Any = None) -> list[Cluster]:
+    """The clusters on this host (all of them without a placement)."""
+    return list(clusters) if placement is None else placement.local_clusters
+
+
+def planner_specs(clusters: Sequence[Cluster], placement: Any = None) -> tuple[list[ClusterSpec], CoreMap]:
+    if placement is None:
+        return [ClusterSpec(c.name, c.cores) for c in clusters], CoreMap()
+    return placement.planner_clusters()
 
 
 def emulated_cores(clusters: Sequence[Cluster], period_ms: float | None = None) -> list:
@@ -108,14 +140,18 @@ def make_plan(cfg: Config, costs: CostTable, clusters: Sequence[ClusterSpec], tr
 
 def prepare(cfg: Config, *, progress: Progress | None = None, sysfs_root: str = "/sys",
             use_cache: bool | None = None, clusters: list[Cluster] | None = None,
-            with_preprocess: bool = False, encoded_share: float = 0.0) -> Prepared:
+            with_preprocess: bool = False, encoded_share: float = 0.0, placement: Any = None) -> Prepared:
     """Everything up to the plan. Call inside ``emulation(...)`` so costs see the emulated speed.
 
     ``with_preprocess``: stage 0 also decodes images (its cost is measured per cluster);
-    ``encoded_share``: the share of encoded frames to plan for (0: raw tensors, 1: all JPEG)."""
+    ``encoded_share``: the share of encoded frames to plan for (0: raw tensors, 1: all JPEG);
+    ``placement``: from ``placement_for`` (None: every cluster on this host)."""
     note = progress or (lambda msg: None)
     topo = detect_topology(sysfs_root)
+    if placement is not None:
+        clusters = clusters if clusters is not None else placement.clusters
     clusters = clusters if clusters is not None else resolve_clusters(cfg, topo)
+    runner = placement.profile_runner() if placement is not None else None
     model = load_model(cfg.model, cfg.model_input.shape)
     graph = analyze(model, cfg.planner.max_cut_tensors)
     note(f"model {cfg.model}: {len(model.graph.node)} nodes, {len(graph.layers)} layers between cut points")
@@ -138,7 +174,7 @@ def prepare(cfg: Config, *, progress: Progress | None = None, sysfs_root: str = 
                                            use_cache=cfg.profile.cache if use_cache is None else use_cache,
                                            cache_dir=cfg.profile.cache_dir, progress=note,
                                            preprocess=dataclasses.asdict(cfg.input) if with_preprocess else None,
-                                           tolerance=cfg.profile.cache_tolerance)
+                                           tolerance=cfg.profile.cache_tolerance, runner=runner)
         measurements = checked.measurements
         warnings += checked.warnings
         costs = cost_table_from_measurements(graph.layer_names, bbytes, measurements)
@@ -157,20 +193,23 @@ def prepare(cfg: Config, *, progress: Progress | None = None, sysfs_root: str = 
     if not with_preprocess:
         prep_ms, encoded_share = {}, 0.0
     costs = with_input_work(costs, {c: encoded_share * ms for c, ms in prep_ms.items()})
-    home = coordinator_cluster(clusters)
-    costs = with_coordinator_overhead(costs, home.name, len(home.cores), coordinator_ms())
-    transfer = TransferModel()
-    specs = [ClusterSpec(c.name, c.cores) for c in clusters]
-    plan = make_plan(cfg, costs, specs, transfer)
+    here = local_clusters(clusters, placement)
+    home = coordinator_cluster(here) if here else None  # no cluster on the coordinator's host: no share
+    if home is not None:
+        costs = with_coordinator_overhead(costs, home.name, len(home.cores), coordinator_ms())
+    transfer = TransferModel() if placement is None else placement.transfer(TransferModel(), note)
+    specs, core_map = planner_specs(clusters, placement)
+    plan = core_map.localize(make_plan(cfg, costs, specs, transfer))
     if cfg.profile.measure and cfg.profile.refine and measurements:
         costs, plan = refine_plan(cfg, model, graph, clusters, measurements, costs, plan, transfer, note,
-                                  cfg.profile.cache if use_cache is None else use_cache)
+                                  cfg.profile.cache if use_cache is None else use_cache, specs, core_map, runner)
     return Prepared(cfg, topo, list(clusters), model, graph, measurements, costs, plan, transfer, warnings,
-                    with_preprocess, tuple(home.cores), prep_ms, encoded_share)
+                    with_preprocess, tuple(home.cores) if home else (), prep_ms, encoded_share, placement, core_map)
 
 
 def refine_plan(cfg: Config, model, graph: ModelGraph, clusters, measurements, costs: CostTable, plan: Plan,
-                transfer: TransferModel, note: Progress, use_cache: bool) -> tuple[CostTable, Plan]:
+                transfer: TransferModel, note: Progress, use_cache: bool, specs: Sequence[ClusterSpec] | None = None,
+                core_map: CoreMap = CoreMap(), runner: Any = None) -> tuple[CostTable, Plan]:
     """Time the planned stages as whole sub-models on the clusters of their pool members, scale the
     layers' costs by measured/predicted, and plan again (up to ``profile.refine`` rounds, until the
     plan holds).
@@ -180,7 +219,7 @@ def refine_plan(cfg: Config, model, graph: ModelGraph, clusters, measurements, c
     from hetsched.planning.costs import rescale_range
     from hetsched.profiling.measure import measure_stages
     empty = {m.cluster: m.empty_ms for m in measurements}
-    specs = [ClusterSpec(c.name, c.cores) for c in clusters]
+    specs = specs if specs is not None else [ClusterSpec(c.name, c.cores) for c in clusters]
     seen: set = set()
     for _ in range(cfg.profile.refine):
         reqs = sorted({(m.cluster, st.first_layer, st.last_layer, m.threads) for st in plan.stages
@@ -189,7 +228,7 @@ def refine_plan(cfg: Config, model, graph: ModelGraph, clusters, measurements, c
             break
         timed = measure_stages(model, graph, clusters, reqs, repeats=max(10, cfg.profile.repeats // 2),
                                warmup=cfg.profile.warmup, use_cache=use_cache, cache_dir=cfg.profile.cache_dir,
-                               progress=note)
+                               progress=note, runner=runner)
         for (c, first, last, t), ms in timed.items():
             seen.add((c, first, last, t))
             predicted = sum(costs.layer_ms[c][t][first:last + 1])
@@ -198,7 +237,7 @@ def refine_plan(cfg: Config, model, graph: ModelGraph, clusters, measurements, c
                 note(f"cluster {c}: layers {first}..{last} take {measured:.2f} ms as one stage, "
                      f"predicted {predicted:.2f}: correcting")
                 costs = rescale_range(costs, c, first, last, measured / predicted)
-        new = make_plan(cfg, costs, specs, transfer)
+        new = core_map.localize(make_plan(cfg, costs, specs, transfer))
         same = new.shape() == plan.shape()
         plan = new
         if same:
@@ -228,8 +267,11 @@ def coordinator_cluster(clusters: Sequence[Cluster]) -> Cluster:
 
 
 def pin_coordinator(clusters: Sequence[Cluster]) -> tuple[int, ...]:
-    """Pin the calling thread (call it before any other thread starts) to the fastest cluster."""
+    """Pin the calling thread (call it before any other thread starts) to the fastest cluster; with
+    no cluster on this host (the coordinator of Ray nodes elsewhere) it stays unpinned: ()."""
     import os
+    if not clusters:
+        return ()
     cores = tuple(coordinator_cluster(clusters).cores)
     os.sched_setaffinity(0, cores)
     return cores
@@ -260,19 +302,23 @@ def running_service(prep: Prepared, bind: str | None = None, *, with_preprocess:
     check_limits(limits, image_limits, prep.graph.inputs[0])
     topk = topk_spec(prep.model, prep.graph, cfg.input.top_k, cfg.model_output.top_k_from)
 
-    def make_pipeline(plan: Plan, generation: int, frame_ids) -> Pipeline:
-        return Pipeline(prep.model, prep.graph, plan, transport=cfg.transport.kind, host=cfg.transport.host,
-                        max_inflight=max_inflight or cfg.server.max_inflight,
-                        preprocess=cfg.input if prep.with_preprocess else None, image_limits=image_limits,
-                        topk=topk, frame_ids=frame_ids, generation=generation)
+    # where workers run and how they are linked (this host by default; Ray nodes: hetsched.placement)
+    placed = {"transport": cfg.transport.kind, "host": cfg.transport.host}
+    if prep.placement is not None:
+        placed = prep.placement.pipeline_options()
 
-    specs = prep.cluster_specs()
+    def make_pipeline(plan: Plan, generation: int, frame_ids) -> Pipeline:
+        return Pipeline(prep.model, prep.graph, plan, max_inflight=max_inflight or cfg.server.max_inflight,
+                        preprocess=cfg.input if prep.with_preprocess else None, image_limits=image_limits,
+                        topk=topk, frame_ids=frame_ids, generation=generation, **placed)
+
+    specs, localize = prep.cluster_specs(), prep.core_map.localize
     rp = cfg.planner.replan
     pipe = Runtime(prep.plan, make_pipeline, base_costs=prep.costs,
-                   plan_fn=lambda costs: make_plan(cfg, costs, specs, prep.transfer),
-                   evaluate_fn=lambda costs, a: evaluate_stages(costs, specs, prep.transfer, a,
-                                                                objective=cfg.planner.objective,
-                                                                target_fps=cfg.planner.target_fps),
+                   plan_fn=lambda costs: localize(make_plan(cfg, costs, specs, prep.transfer)),
+                   evaluate_fn=lambda costs, a: localize(evaluate_stages(costs, specs, prep.transfer, a,
+                                                                         objective=cfg.planner.objective,
+                                                                         target_fps=cfg.planner.target_fps)),
                    preprocess_ms=prep.preprocess_ms, encoded_share=prep.encoded_share,
                    settings=ReplanSettings(rp.enabled, rp.check_s, rp.min_gain, rp.threshold, cfg.planner.tie_tolerance),
                    follow_traffic=cfg.planner.traffic == "auto" and prep.with_preprocess)

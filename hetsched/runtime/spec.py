@@ -50,6 +50,11 @@ class WorkerSpec:
     log_level: int = 30
     link_keys: dict | None = field(default=None, repr=False)
     spinning: bool | None = None
+    cluster: str = ""                  # the plan member's cluster (a launcher places the worker by it)
+    # None: the worker is the coordinator's child and dies with it (parent_pid). A number: it runs
+    # elsewhere (a Ray actor) and exits when its control link is down this many seconds
+    # (hetsched.runtime.liveness)
+    orphan_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if self.stage < 0 or self.worker < 0 or self.threads < 1 or not self.cores:
@@ -71,7 +76,8 @@ class WorkerSpec:
                 raise ConfigError("worker spec: output ring does not hold the stage's outputs")
         if self.topk is not None and not 0 <= self.topk.output < len(self.outputs):
             raise ConfigError(f"worker spec: top-k output {self.topk.output} out of range")
-        if self.stats_interval <= 0 or self.connect_timeout <= 0:
+        if self.stats_interval <= 0 or self.connect_timeout <= 0 or (self.orphan_timeout is not None
+                                                                     and self.orphan_timeout <= 0):
             raise ConfigError("worker spec: intervals must be positive")
 
     @property

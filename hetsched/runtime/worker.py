@@ -161,7 +161,8 @@ def _arrays_from_frames(spec: WorkerSpec, frames) -> list:
 
 def main(spec: WorkerSpec) -> int:
     from hetsched.host.process import die_with_parent, keep_large_buffers
-    die_with_parent(spec.parent_pid)
+    if spec.orphan_timeout is None:  # else not our parent's child: the control link decides (below)
+        die_with_parent(spec.parent_pid)
     keep_large_buffers()
     os.sched_setaffinity(0, spec.cores)
     logging.basicConfig(level=spec.log_level, format=f"%(asctime)s [stage {spec.stage} w{spec.worker}] %(message)s")
@@ -186,6 +187,10 @@ def main(spec: WorkerSpec) -> int:
     ctl.setsockopt(zmq.LINGER, 1000)
     ctl.setsockopt(zmq.IDENTITY, f"w{spec.worker}".encode())
     secure_link_client(ctl, link_keys)
+    watch = None
+    if spec.orphan_timeout is not None:
+        from hetsched.runtime.liveness import LinkWatch
+        watch = LinkWatch(ctl, spec.orphan_timeout, spec.name)
     ctl.connect(spec.ctl_endpoint)
     inp = out = runner = None
     try:
@@ -234,6 +239,8 @@ def main(spec: WorkerSpec) -> int:
                 sock.close(linger=500)
         if link_auth is not None:
             link_auth.stop()
+        if watch is not None:
+            watch.close()
         ctx.term()
         if runner is not None:
             runner.close()
