@@ -19,7 +19,7 @@ import zmq
 from hetsched.errors import HetschedError
 from hetsched.placement.nodes import RayNode
 from hetsched.planning.links import LinkProbe, probe_figures
-from hetsched.wire.security import LinkKeys, secure_link_client, secure_link_server, start_link_authenticator
+from hetsched.wire.links import LinkKeys, secure_link_client, secure_link_server, start_link_authenticator
 
 log = logging.getLogger(__name__)
 
