@@ -109,6 +109,7 @@ def main(argv=None) -> int:
         th.join(60)
         with Client(sock, timeout=30) as c:
             rp = c.stats()["replan"]
+            t_stats = time.monotonic()
     finally:
         if emu is not None:
             emu.stop()
@@ -129,8 +130,15 @@ def main(argv=None) -> int:
     print(f"frames: {out['sent']} sent, {len(out['seqs'])} answered, exactly once and in order: {exact}")
     print(f"plan generations: {rp['generation']}; decisions:")
     for e in rp["history"]:
-        print(f"  gen {e['generation']}: {'SWITCH' if e['switch'] else 'keep'}: {e['decision']}"
-              + (f" (new plan started in {e['start_s']} s)" if e.get("start_s") is not None else ""))
+        t_dec = t_stats - e["age_s"]
+        since = (f"{t_dec - t_fast:.1f} s after the release" if t_dec >= t_fast
+                 else f"{t_dec - t_slow:.1f} s after the slowdown")
+        print(f"  gen {e['generation']}: {'SWITCH' if e['switch'] else 'keep'} ({since}; measured speeds "
+              f"{e['speeds']}): {e['decision']}")
+        if e["switch"]:
+            print(f"      {e['old_plan']}  ->  {e['new_plan']}")
+            print(f"      new plan running {e.get('start_s')} s after the decision; measured "
+                  f"{e.get('fps_before')} fps before, {e.get('fps_after')} fps after")
     return 0 if exact else 1
 
 

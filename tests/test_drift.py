@@ -111,3 +111,20 @@ def test_a_small_gain_is_not_worth_a_switch():
     assert d.switch and d.gain > 0.5
     assert [s.n_layers for s in d.candidate.stages] == [9, 3]
     assert as_assignment(d.candidate)[0].members == (("big", 1, 1, 1),)
+
+
+def test_latency_is_not_bought_by_leaving_a_core_idle():
+    """A plan on fewer cores must not lose predicted rate, even for a much better p99: the service's own
+    CPU then lands on the cores it keeps, which the measured speeds do not show."""
+    from hetsched.planning.plan import StageSpec
+    slow = scaled_costs(costs(), {"little": 0.05}, {}, 0.0)
+    pool = [StageSpec(0, 11, (("big", 1, 1, 1), ("little", 1, 1, 1)))]
+    big_only = [StageSpec(0, 11, (("big", 1, 1, 1),))]
+    running = eval_fn(slow, pool)
+    cand = eval_fn(slow, big_only)
+    assert -0.1 < cand.throughput_fps / running.throughput_fps - 1 < -0.02   # a small rate loss ...
+    assert cand.latency_ms < 0.5 * running.latency_ms                      # ... for a much better p99
+    d = decide(running, slow, lambda c: eval_fn(c, big_only), eval_fn, tie_tolerance=0.1)
+    assert not d.switch and "too little" in d.reason
+    # (the same trade between plans on the same cores stays allowed: see
+    # test_a_slowed_little_core_makes_a_pipeline_worth_it_and_back)

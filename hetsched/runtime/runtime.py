@@ -257,4 +257,13 @@ class Runtime:
                 "draining": [p.generation for p in self.draining], "plan": plan_summary(self.active.plan),
                 "measured_speeds": {c: round(d.speed, 3) for c, d in self.detector.clusters.items() if d.samples},
                 "encoded_share": round(self.detector.encoded_share, 3),
-                "history": [{k: v for k, v in e.items() if k not in ("t", "t_switch")} for e in self.history]}
+                "history": [self._history_entry(e, now) for e in self.history]}
+
+    @staticmethod
+    def _history_entry(e: dict, now: float) -> dict:
+        """A decision as reported: monotonic times become ages (seconds before this report)."""
+        out = {k: v for k, v in e.items() if k not in ("t", "t_switch")}
+        out["age_s"] = round(now - e["t"], 3)
+        if e.get("t_switch"):
+            out["switch_age_s"] = round(now - e["t_switch"], 3)
+        return out
