@@ -156,7 +156,7 @@ def test_disturbed_measurement_warns_and_is_not_trusted(small, tmp_path, busy_lo
     hog.wait(10)
     load = res.checks["one"].load
     assert load.disturbed() and load.foreign_s > 0
-    assert any(f"other processes used" in w and f"core {CORE}" in w and "costs may be too high" in w
+    assert any("other processes used" in w and f"core {CORE}" in w and "costs may be too high" in w
                for w in res.warnings), res.warnings
     saved = json.loads(cache_file(tmp_path, g).read_text())
     assert saved["disturbed"] and saved["disturbed"]["foreign_share"] > 0.10

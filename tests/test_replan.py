@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from hetsched.client import Client
+from hetsched.observe.report import chrome_trace
 
 from .conftest import ROOT, wait_for
 from .test_lifecycle import start_service
@@ -167,6 +168,12 @@ def test_a_slowed_core_makes_a_pipeline_replan_without_losing_a_frame_and_the_pl
         stream.close()
         assert not stream.errors, stream.errors[:3]
         assert stream.seqs == list(range(stream.sent)), "a frame was lost, duplicated or reordered"
+        with Client(sock, timeout=30) as c:       # the profile trace marks each switch
+            marks = c.trace(10)["switches"]
+        assert [m["generation"] for m in marks][:2] == [1, 2] and all(m["t_switch"] > m["t_decision"] for m in marks)
+        events = chrome_trace({"frames": [{"id": 0, "t_submit": marks[0]["t_decision"] - 1, "hops": []}],
+                               "pids": {}, "switches": marks}, {"stages": []})["traceEvents"]
+        assert [e["name"] for e in events][:2] == ["re-plan decided 1", "switched to plan generation 1"]
         print(f"\nbefore {before:.1f} fps; re-planned {t_switch:.1f} s after the slowdown ({entry['decision']}); "
               f"after {after:.1f} fps; back to {back['plan']} in generation {back['generation']}")
     finally:

@@ -173,4 +173,10 @@ def chrome_trace(trace: dict, report: dict) -> dict:
             events.append({"name": f"frame {f['id']}", "cat": "compute", "ph": "X", "pid": pid, "tid": 0,
                            "ts": round((t_start - t0) * 1e6, 1), "dur": round((t_end - t_start) * 1e6, 1),
                            "args": {"frame": f["id"], "stage": stage, "queue_us": round((t_start - t_recv) * 1e6, 1)}})
+    for sw in trace.get("switches", ()):  # plan switches: a global instant at the decision and the switch
+        for what, t in (("re-plan decided", sw["t_decision"]), ("switched to plan generation", sw["t_switch"])):
+            events.append({"name": f"{what} {sw['generation']}", "cat": "replan", "ph": "i", "s": "g",
+                           "pid": 0, "tid": 0, "ts": round((t - t0) * 1e6, 1),
+                           "args": {"old_plan": sw["old_plan"], "new_plan": sw["new_plan"],
+                                    "decision": sw["decision"]}})
     return {"traceEvents": events, "displayTimeUnit": "ms"}

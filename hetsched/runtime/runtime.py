@@ -259,6 +259,12 @@ class Runtime:
                 "encoded_share": round(self.detector.encoded_share, 3),
                 "history": [self._history_entry(e, now) for e in self.history]}
 
+    def switch_marks(self) -> list[dict]:
+        """Each plan switch (monotonic seconds of the decision and of the switch), for the trace."""
+        return [{"t_decision": e["t"], "t_switch": e["t_switch"], "generation": e["generation"],
+                 "old_plan": e["old_plan"], "new_plan": e["new_plan"], "decision": e["decision"]}
+                for e in self.history if e.get("t_switch")]
+
     @staticmethod
     def _history_entry(e: dict, now: float) -> dict:
         """A decision as reported: monotonic times become ages (seconds before this report)."""

@@ -33,7 +33,8 @@ def trace(server, limit: int) -> dict:
                "hops": [[h.stage, h.worker, h.t_recv, h.t_start, h.t_end] for h in hops]}
               for fid, ts, hops, td in list(server.traces)[-limit:]]
     pids = {f"{w.stage}.{w.wid}": w.pid for w in server.pipe.workers}
-    return {"frames": frames, "pids": pids}
+    switches = server.pipe.switch_marks() if hasattr(server.pipe, "switch_marks") else []
+    return {"frames": frames, "pids": pids, "switches": switches}
 
 def snapshot(server, samples: int = 2000) -> dict:
     """Service state: plan, per-stage cumulative worker counters and recent compute samples."""
