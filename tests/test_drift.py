@@ -57,6 +57,40 @@ def test_noise_does_not_count_as_drift_and_a_lasting_slowdown_does():
     assert det.speeds()["little"] == pytest.approx(0.33, rel=0.1)
 
 
+def test_a_slowed_worker_with_few_frames_is_not_judged_half_way():
+    """A slowed worker measures few frames: its moving average is half-way to the new speed for a
+    while, and checks a second apart can see it barely move. It is acted on only once enough frames
+    arrived since it went off, so the speed acted on is the new one, not a mix."""
+    rng = random.Random(2)
+    det = DriftDetector(threshold=0.15, hold_s=1.0)
+    assert feed(det, 0.0, 3.0, {"big": 1.0, "little": 1.0}, rng) == []
+    acted = []
+    t = 3.0
+    while t < 60.0 and not acted:        # the little core now finishes about one frame between checks
+        det.on_frame("little", measured_ms=5.0 / 0.33, predicted_ms=5.0)
+        det.on_frame("big", measured_ms=5.0, predicted_ms=5.0)
+        t += 0.5
+        acted = det.drifted(t)
+    assert acted, "a lasting slowdown was never acted on"
+    assert det.speeds()["little"] < 0.45, det.speeds()
+
+
+def test_a_slowdown_all_clusters_share_is_not_drift_but_a_lone_cluster_s_is():
+    """Under full traffic both cores measure below their quiet profile (the service's own CPU): the
+    best plan does not change, so it is not drift. With one cluster there is nothing to compare it
+    with, and the slowdown counts."""
+    rng = random.Random(3)
+    det = DriftDetector(threshold=0.15, hold_s=1.0)
+    for t in range(0, 10):
+        assert feed(det, float(t), t + 1.0, {"big": 0.75, "little": 0.78}, rng) == []
+    reasons = [feed(det, 10.0 + i / 2, 10.5 + i / 2, {"big": 0.75, "little": 0.3}, rng) for i in range(8)]
+    assert [r for r in reasons if r] and all(any(x.startswith("cluster little runs at 0.3") for x in r)
+                                             for r in reasons if r), reasons
+    lone = DriftDetector(threshold=0.15, hold_s=1.0)
+    reasons = [feed(lone, i / 2, (i + 1) / 2, {"big": 0.75}, rng) for i in range(10)]
+    assert [r for r in reasons if r] and reasons[-1][0].startswith("cluster big"), reasons
+
+
 def test_a_change_of_traffic_mix_is_drift():
     det = DriftDetector(hold_s=1.0)
     for _ in range(100):

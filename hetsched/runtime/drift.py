@@ -5,7 +5,8 @@ reports how long each frame's compute took; :class:`DriftDetector` compares that
 what the plan predicted for the same work, smooths it (exponential moving average over frames) and
 says a cluster *drifted* only when its smoothed speed has been off the speed the plan assumed by
 more than ``threshold`` for ``hold_s`` seconds (hysteresis: noise and short bursts do not flap the
-plan). It also follows the traffic mix: the share of encoded (JPEG/PNG) frames, which moves work
+plan), and, with several clusters, only when the clusters' speeds changed by different amounts (a
+slowdown all clusters share leaves the best plan as it is). It also follows the traffic mix: the share of encoded (JPEG/PNG) frames, which moves work
 into stage 0.
 
 :func:`decide` then re-plans from the measured speeds (the cluster's layer costs scaled by its
@@ -33,6 +34,7 @@ class ClusterDrift:
     predicted: float = 0.0        # smoothed predicted ms per frame of the frames measured
     measured: float = 0.0         # smoothed measured ms of the same frames
     seen: float | None = None     # the speed at the previous check (a speed still moving is not acted on)
+    off_samples: int = 0          # samples when the speed went off (the average must have moved since)
 
 
 @dataclass
@@ -41,6 +43,7 @@ class DriftDetector:
     hold_s: float = 2.0           # ... for at least this long
     weight: float = 0.05          # EWMA weight of one frame
     min_samples: int = 50
+    settle_frames: int = 40       # frames measured since the speed went off before it is acted on
     mix_threshold: float = 0.3    # change of the encoded share that counts as drift
     clusters: dict[str, ClusterDrift] = field(default_factory=dict)
     encoded_share: float = 0.0    # smoothed share of encoded frames
@@ -72,17 +75,32 @@ class DriftDetector:
     def drifted(self, now: float) -> list[str]:
         """Reasons the plan no longer fits (empty when it fits)."""
         reasons = []
+        # What a plan depends on is how fast clusters are relative to each other. Under full traffic
+        # every cluster measures a little below its quiet profile, by an amount that wanders with the
+        # service's own CPU (coordinator, clients): a change all clusters share is not drift. With more
+        # than one cluster measured, drift needs the clusters' changes to differ by the threshold.
+        change = {n: c.speed / c.assumed for n, c in self.clusters.items() if c.samples >= self.min_samples}
+        spread = max(change.values()) / min(change.values()) - 1.0 if len(change) > 1 else float("inf")
+        moving = False
         for name, c in sorted(self.clusters.items()):
-            off = c.samples >= self.min_samples and abs(c.speed / c.assumed - 1.0) > self.threshold
+            off = (c.samples >= self.min_samples and abs(c.speed / c.assumed - 1.0) > self.threshold
+                   and spread > self.threshold)
             settled = c.seen is not None and abs(c.speed / c.seen - 1.0) <= self.threshold / 2
             c.seen = c.speed
             if not off:
                 c.off_since = None
                 continue
-            c.off_since = now if c.off_since is None else c.off_since
-            if now - c.off_since >= self.hold_s and settled:
+            if c.off_since is None:
+                c.off_since, c.off_samples = now, c.samples
+            # a moving average moves by frames, not by seconds: a slowed worker measures few frames, and
+            # acting before ~1/weight of them arrived would act on a speed half-way to the new one
+            settled = settled and c.samples - c.off_samples >= self.settle_frames
+            moving = moving or not settled
+            if now - c.off_since >= self.hold_s:
                 reasons.append(f"cluster {name} runs at {c.speed:.2f} of its profiled speed "
                                f"(plan assumed {c.assumed:.2f}) for {now - c.off_since:.1f} s")
+        if moving:  # one cluster's speed is still on its way: a plan made now would fit neither speed
+            reasons = []
         off = self.mix_samples >= self.min_samples and abs(self.encoded_share - self.assumed_share) > self.mix_threshold
         if not off:
             self.mix_off_since = None
@@ -132,6 +150,7 @@ class Decision:
     current: Plan            # the running plan, re-evaluated under the measured costs
     candidate: Plan
     gain: float              # relative throughput gain (or p99 gain when rates tie)
+    kind: str = "rate"       # "rate": for throughput; "p99": a latency trade at a tied rate; "revert"
 
 
 def _used_cores(plan: Plan) -> int:
@@ -159,5 +178,5 @@ def decide(current_plan: Plan, costs: CostTable, plan_fn: Callable[[CostTable], 
         if p99_gain > min_gain:
             return Decision(True, f"predicted p99 {cand.latency_ms:.1f} ms vs {now_plan.latency_ms:.1f} ms "
                                   f"(-{p99_gain:.0%}) at {cand.throughput_fps:.1f} vs "
-                                  f"{now_plan.throughput_fps:.1f} fps", now_plan, cand, p99_gain)
+                                  f"{now_plan.throughput_fps:.1f} fps", now_plan, cand, p99_gain, kind="p99")
     return Decision(False, f"a new plan would gain too little (rate {rate_gain:+.0%})", now_plan, cand, rate_gain)

@@ -70,7 +70,8 @@ class Runtime:
         self._pollers: list = []
         self._last_check = time.monotonic()
         self._done_times: deque = deque(maxlen=4096)
-        self._failed_plans: dict[tuple, float] = {}
+        self._failed_plans: dict[tuple, tuple[float, str]] = {}   # plan shape -> (when, why)
+        self._trial: dict | None = None   # a latency trade on probation: kept only if its rate holds
         self._retired_counts = {"replayed": 0, "duplicates": 0, "restarts": 0}
         self._t_switched = 0.0
         self.replans = 0
@@ -173,6 +174,8 @@ class Runtime:
             return
         if now - self._t_switched < 2 * self.settings.check_s:  # let a new plan settle before judging it
             return
+        if self._trial is not None and self._judge_trial(now):
+            return
         reasons = self.detector.drifted(now)
         if not reasons:
             return
@@ -183,14 +186,14 @@ class Runtime:
         decision = decide(self.active.plan, costs, self.plan_fn, self.evaluate_fn,
                           min_gain=self.settings.min_gain, tie_tolerance=self.settings.tie_tolerance)
         entry = {"t": now, "generation": self.generation, "reasons": reasons, "switch": decision.switch,
-                 "decision": decision.reason, "speeds": {c: round(s, 3) for c, s in speeds.items()},
+                 "decision": decision.reason, "kind": decision.kind, "speeds": {c: round(s, 3) for c, s in speeds.items()},
                  "encoded_share": round(share, 3), "old_plan": plan_summary(decision.current),
                  "new_plan": plan_summary(decision.candidate), "predicted_gain": round(decision.gain, 3),
                  "predicted_fps": [round(decision.current.throughput_fps, 1), round(decision.candidate.throughput_fps, 1)],
                  "predicted_p99_ms": [round(decision.current.latency_ms, 2), round(decision.candidate.latency_ms, 2)]}
-        failed_at = self._failed_plans.get(decision.candidate.shape())
-        if decision.switch and failed_at is not None and now - failed_at < 60.0:
-            entry.update(switch=False, decision="this plan failed to start less than 60 s ago")
+        failed = self._failed_plans.get(decision.candidate.shape())
+        if decision.switch and failed is not None and now - failed[0] < 60.0:
+            entry.update(switch=False, decision=f"this plan {failed[1]} less than 60 s ago")
         log.warning("re-plan check: %s; %s", "; ".join(reasons), entry["decision"])
         if entry["switch"]:
             self._begin_switch(decision, speeds, share, entry)
@@ -198,6 +201,37 @@ class Runtime:
             # the plan still fits what was measured: drift is judged against these speeds from now on
             self.detector.adopt(speeds, share, new_plan=False)
         self.history.append(entry)
+
+    def _judge_trial(self, now: float) -> bool:
+        """A latency trade was taken on a predicted tie in rate. Predictions of plans of different
+        kinds err differently (hops cost the service CPU the cost table does not hold), so the rate is
+        measured once the plan settled: if it fell by more than ``min_gain``, the previous plan comes
+        back and the trade is not tried again for 60 s. True when a switch back began."""
+        trial, self._trial = self._trial, None
+        entry = trial["entry"]
+        fps = self.measured_fps(self.settings.check_s)
+        before = entry.get("fps_before") or 0.0
+        entry["fps_after"] = round(fps, 1)
+        if before <= 0 or fps >= (1.0 - self.settings.min_gain) * before:
+            entry["kept"] = True
+            return False
+        entry["kept"] = False
+        self._failed_plans[self.active.plan.shape()] = (now, f"lost rate as a latency trade ({fps:.1f} fps "
+                                                              f"against {before:.1f} before)")
+        reason = (f"the latency trade measured {fps:.1f} fps against {before:.1f} fps before it: "
+                  f"back to the previous plan")
+        speeds = {c: d.assumed for c, d in self.detector.clusters.items()}
+        decision = Decision(True, reason, self.active.plan, trial["previous"], before / max(fps, 1e-9) - 1.0,
+                            kind="revert")
+        back = {"t": now, "generation": self.generation, "reasons": [reason], "switch": True,
+                "decision": reason, "speeds": {c: round(s, 3) for c, s in speeds.items()},
+                "encoded_share": round(self.detector.assumed_share, 3),
+                "old_plan": plan_summary(self.active.plan), "new_plan": plan_summary(trial["previous"]),
+                "predicted_gain": round(decision.gain, 3), "kind": "revert"}
+        log.warning("re-plan check: %s", reason)
+        self._begin_switch(decision, speeds, self.detector.assumed_share, back)
+        self.history.append(back)
+        return True
 
     def _begin_switch(self, decision: Decision, speeds: dict, share: float, entry: dict) -> None:
         gen = self.generation + 1
@@ -209,7 +243,7 @@ class Runtime:
         except Exception as exc:
             log.error("the new plan's workers failed to start (%s): keeping plan generation %d", exc, self.generation)
             entry.update(switch=False, decision=f"new plan failed to start: {exc}")
-            self._failed_plans[decision.candidate.shape()] = time.monotonic()
+            self._failed_plans[decision.candidate.shape()] = (time.monotonic(), "failed to start")
             return
         for poller in self._pollers:
             p.register(poller)
@@ -225,7 +259,7 @@ class Runtime:
         except HetschedError as exc:
             log.error("the new plan's workers failed to start (%s): keeping plan generation %d", exc, self.generation)
             self._switch_meta["entry"].update(switch=False, decision=f"new plan failed to start: {exc}")
-            self._failed_plans[p.plan.shape()] = time.monotonic()
+            self._failed_plans[p.plan.shape()] = (time.monotonic(), "failed to start")
             self.starting = None
             self._unregister(p)
             p.stop(drain_timeout=0)
@@ -245,6 +279,8 @@ class Runtime:
         entry = meta["entry"]
         entry.update(generation=p.generation, start_s=round(time.monotonic() - meta["t_begin"], 3),
                      fps_before=meta["fps_before"], t_switch=time.monotonic())
+        if self._pending_decision is not None and self._pending_decision.kind == "p99":
+            self._trial = {"entry": entry, "previous": old.plan}
         log.warning("switched to plan generation %d (%s) after %.2f s; generation %d drains %d frame(s)",
                     p.generation, plan_summary(p.plan), entry["start_s"], old.generation, old.ledger.in_flight)
 
