@@ -93,13 +93,15 @@ class DriftDetector:
             if c.off_since is None:
                 c.off_since, c.off_samples = now, c.samples
             # a moving average moves by frames, not by seconds: a slowed worker measures few frames, and
-            # acting before ~1/weight of them arrived would act on a speed half-way to the new one
-            settled = settled and c.samples - c.off_samples >= self.settle_frames
-            moving = moving or not settled
-            if now - c.off_since >= self.hold_s:
+            # acting before ~1/weight of them arrived would act on a speed half-way to the new one (this
+            # holds back every cluster: a plan made now would fit neither that cluster's old speed nor
+            # its new one)
+            arriving = c.samples - c.off_samples < self.settle_frames
+            moving = moving or arriving
+            if now - c.off_since >= self.hold_s and settled and not arriving:
                 reasons.append(f"cluster {name} runs at {c.speed:.2f} of its profiled speed "
                                f"(plan assumed {c.assumed:.2f}) for {now - c.off_since:.1f} s")
-        if moving:  # one cluster's speed is still on its way: a plan made now would fit neither speed
+        if moving:
             reasons = []
         off = self.mix_samples >= self.min_samples and abs(self.encoded_share - self.assumed_share) > self.mix_threshold
         if not off:
