@@ -194,6 +194,7 @@ def test_real_model_across_two_nodes_with_a_killed_actor(ray_cluster, tmp_path):
         assert len(snap["stages"]) == 2 and len(workers) == 2
         where = {w["cluster"]: (node_of(w["pid"]), allowed_cpus(w["pid"])) for w in workers}
         assert where == {"a_core": ("board-a", "0"), "b_core": ("board-b", "1")}, where
+        assert {w["cluster"]: w["node"] for w in workers} == {"a_core": "board-a", "b_core": "board-b"}  # as stats say
         for w in workers:
             assert {allowed_cpus(int(t)) for t in os.listdir(f"/proc/{w['pid']}/task")} == {str(w["cores"][0])}
         # the real model through the socket: cats and espresso

@@ -140,7 +140,9 @@ def stage_stats(plan, workers: list[WorkerHandle], dispatcher) -> list[dict]:
         for w in ws:
             agg["samples"] += w.samples
             slot = dispatcher.workers.get(w.wid)
-            agg["workers"].append({"worker": w.wid, "pid": w.pid, "cluster": w.cluster, "cores": list(w.cores),
+            node = getattr(getattr(w.process, "node", None), "name", None)  # a Ray node; None: this host
+            agg["workers"].append({"worker": w.wid, "pid": w.pid, "node": node, "cluster": w.cluster,
+                                   "cores": list(w.cores),
                                    "threads": w.threads, "predicted_ms": w.predicted_ms,
                                    "predicted_compute_ms": w.layers_ms,
                                    "measured_service_ms": slot.service_s * 1e3 if slot else None,
