@@ -20,24 +20,28 @@ from hetsched.runtime.runtime import Runtime
 from .conftest import manual_plan
 
 
-def drive(rt: Runtime, model, g, n_frames: int, switch, timeout: float = 90.0):
-    """Submit ``n_frames`` (a few at a time) while calling ``switch()`` once a third are in; return the
+def drive(rt: Runtime, model, g, n_before: int, switch, n_after: int = 12, timeout: float = 120.0):
+    """Submit frames (a few at a time), call ``switch()`` after ``n_before`` of them, and go on until
+    the new plan started (or was given up) and ``n_after`` more frames were submitted; return the
     results in the order they came and the inputs."""
     poller = zmq.Poller()
     rt.register(poller)
-    xs = [random_inputs(g.inputs, seed=i)["data"] for i in range(n_frames)]
-    sent, results, switched = 0, [], False
+    xs: list = []
+    results: list = []
+    switched, after = False, None
     deadline = time.monotonic() + timeout
-    while len(results) < n_frames:
-        assert time.monotonic() < deadline, f"{len(results)} of {n_frames} frames answered in {timeout} s"
-        while sent < n_frames and sent - len(results) < 4 and rt.can_submit:
-            rt.submit(xs[sent])
-            sent += 1
-        if not switched and sent >= n_frames // 3:
+    while after is None or len(xs) < after + n_after or len(results) < len(xs):
+        assert time.monotonic() < deadline, f"{len(results)} of {len(xs)} frames answered in {timeout} s"
+        while (after is None or len(xs) < after + n_after) and len(xs) - len(results) < 4 and rt.can_submit:
+            xs.append(random_inputs(g.inputs, seed=len(xs))["data"])
+            rt.submit(xs[-1])
+        if not switched and len(xs) >= n_before:
             switch()
             switched = True
         events = dict(poller.poll(50))
         results += rt.process(events)
+        if switched and after is None and rt.starting is None:
+            after = len(xs)   # the switch is over (done or given up): frames from here go to the survivor
     return results, xs
 
 
@@ -71,12 +75,7 @@ def test_a_plan_whose_workers_cannot_start_is_given_up_and_no_frame_is_lost(sque
     entry: dict = {"switch": True, "decision": "test"}
     try:
         # core 4000 does not exist here: the new plan's worker cannot be pinned and exits at start
-        results, xs = drive(rt, model, g, 24, switch_to(rt, manual_plan(g, [((4000,), 0, n - 1, 1, 1)]), entry))
-        deadline = time.monotonic() + 30
-        poller = zmq.Poller()
-        rt.register(poller)
-        while rt.starting is not None and time.monotonic() < deadline:
-            rt.process(dict(poller.poll(50)))
+        results, xs = drive(rt, model, g, 8, switch_to(rt, manual_plan(g, [((4000,), 0, n - 1, 1, 1)]), entry))
         assert rt.starting is None and rt.generation == 0
         assert entry["switch"] is False and "failed to start" in entry["decision"], entry
         check(results, xs, model)
@@ -92,7 +91,7 @@ def test_a_plan_that_starts_takes_over_mid_stream_exactly_once(squeezenet):
     entry: dict = {"switch": True, "decision": "test"}
     try:
         split = manual_plan(g, [((1,), 0, 9, 1, 1), ((0,), 10, n - 1, 1, 1)])
-        results, xs = drive(rt, model, g, 60, switch_to(rt, split, entry))
+        results, xs = drive(rt, model, g, 8, switch_to(rt, split, entry))
         assert rt.generation == 1 and rt.active.plan.n_stages == 2, entry
         assert entry["switch"] is True and entry["start_s"] > 0
         gens = [len(r.hops) for r in sorted(results, key=lambda r: r.frame_id)]
