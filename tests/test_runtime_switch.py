@@ -5,6 +5,7 @@ frame lost or answered twice."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -57,46 +58,41 @@ def check(results, xs, model):
         assert np.abs(r.outputs[0] - want).max() <= 1e-4
 
 
-def runtime(model, g, plan) -> Runtime:
+@contextlib.contextmanager
+def switched_mid_stream(model, g, new_stages):
+    """A one-stage plan on core 0 serving frames, told mid-stream to switch to ``new_stages``
+    (``manual_plan`` form; ``n`` = the last layer): yields the runtime, the switch's history entry, the
+    results and the inputs; the runtime is stopped after."""
     def make(p, generation, ids):
         return Pipeline(model, g, p, max_inflight=6, frame_ids=ids, generation=generation)
-    return Runtime(plan, make).start()
-
-
-def switch_to(rt: Runtime, plan, entry: dict):
-    return lambda: rt._begin_switch(Decision(True, "test", rt.active.plan, plan, 1.0), {}, 0.0, entry)
+    n = len(g.layer_names) - 1
+    rt = Runtime(manual_plan(g, [((0,), 0, n, 1, 1)]), make).start()
+    entry: dict = {"switch": True, "decision": "test"}
+    new = manual_plan(g, [tuple(n if v == "n" else v for v in st) for st in new_stages])
+    try:
+        switch = lambda: rt._begin_switch(Decision(True, "test", rt.active.plan, new, 1.0), {}, 0.0, entry)  # noqa: E731
+        results, xs = drive(rt, model, g, 8, switch)
+        yield rt, entry, results, xs
+    finally:
+        rt.stop()
 
 
 @pytest.mark.timeout(180)
 def test_a_plan_whose_workers_cannot_start_is_given_up_and_no_frame_is_lost(squeezenet):
     model, g = squeezenet
-    n = len(g.layer_names)
-    rt = runtime(model, g, manual_plan(g, [((0,), 0, n - 1, 1, 1)]))
-    entry: dict = {"switch": True, "decision": "test"}
-    try:
-        # core 4000 does not exist here: the new plan's worker cannot be pinned and exits at start
-        results, xs = drive(rt, model, g, 8, switch_to(rt, manual_plan(g, [((4000,), 0, n - 1, 1, 1)]), entry))
+    # core 4000 does not exist here: the new plan's worker cannot be pinned and exits at start
+    with switched_mid_stream(model, g, [((4000,), 0, "n", 1, 1)]) as (rt, entry, results, xs):
         assert rt.starting is None and rt.generation == 0
         assert entry["switch"] is False and "failed to start" in entry["decision"], entry
         check(results, xs, model)
-    finally:
-        rt.stop()
 
 
 @pytest.mark.timeout(180)
 def test_a_plan_that_starts_takes_over_mid_stream_exactly_once(squeezenet):
     model, g = squeezenet
-    n = len(g.layer_names)
-    rt = runtime(model, g, manual_plan(g, [((0,), 0, n - 1, 1, 1)]))
-    entry: dict = {"switch": True, "decision": "test"}
-    try:
-        split = manual_plan(g, [((1,), 0, 9, 1, 1), ((0,), 10, n - 1, 1, 1)])
-        results, xs = drive(rt, model, g, 8, switch_to(rt, split, entry))
+    with switched_mid_stream(model, g, [((1,), 0, 9, 1, 1), ((0,), 10, "n", 1, 1)]) as (rt, entry, results, xs):
         assert rt.generation == 1 and rt.active.plan.n_stages == 2, entry
         assert entry["switch"] is True and entry["start_s"] > 0
         gens = [len(r.hops) for r in sorted(results, key=lambda r: r.frame_id)]
         assert gens[0] == 1 and gens[-1] == 2, "the first frames ran on the old plan, the last on the new"
         check(results, xs, model)
-    finally:
-        rt.stop()
-
