@@ -6,8 +6,8 @@ what the plan predicted for the same work, smooths it (exponential moving averag
 says a cluster *drifted* only when its smoothed speed has been off the speed the plan assumed by
 more than ``threshold`` for ``hold_s`` seconds (hysteresis: noise and short bursts do not flap the
 plan), and, with several clusters, only when the clusters' speeds changed by different amounts (a
-slowdown all clusters share leaves the best plan as it is). It also follows the traffic mix: the share of encoded (JPEG/PNG) frames, which moves work
-into stage 0.
+slowdown all clusters share leaves the best plan as it is). It also follows the traffic mix: the
+share of encoded (JPEG/PNG) frames, which moves work into stage 0.
 
 :func:`decide` then re-plans from the measured speeds (the cluster's layer costs scaled by its
 measured slowdown, no re-profiling on the hot path) and says whether the new plan is worth a switch:

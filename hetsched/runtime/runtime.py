@@ -185,12 +185,7 @@ class Runtime:
         costs = scaled_costs(self.base_costs, speeds, self.preprocess_ms, share)
         decision = decide(self.active.plan, costs, self.plan_fn, self.evaluate_fn,
                           min_gain=self.settings.min_gain, tie_tolerance=self.settings.tie_tolerance)
-        entry = {"t": now, "generation": self.generation, "reasons": reasons, "switch": decision.switch,
-                 "decision": decision.reason, "kind": decision.kind, "speeds": {c: round(s, 3) for c, s in speeds.items()},
-                 "encoded_share": round(share, 3), "old_plan": plan_summary(decision.current),
-                 "new_plan": plan_summary(decision.candidate), "predicted_gain": round(decision.gain, 3),
-                 "predicted_fps": [round(decision.current.throughput_fps, 1), round(decision.candidate.throughput_fps, 1)],
-                 "predicted_p99_ms": [round(decision.current.latency_ms, 2), round(decision.candidate.latency_ms, 2)]}
+        entry = self._entry(now, reasons, decision, speeds, share)
         failed = self._failed_plans.get(decision.candidate.shape())
         if decision.switch and failed is not None and now - failed[0] < 60.0:
             entry.update(switch=False, decision=f"this plan {failed[1]} less than 60 s ago")
@@ -201,6 +196,17 @@ class Runtime:
             # the plan still fits what was measured: drift is judged against these speeds from now on
             self.detector.adopt(speeds, share, new_plan=False)
         self.history.append(entry)
+
+    def _entry(self, now: float, reasons: list[str], decision: Decision, speeds: dict, share: float) -> dict:
+        """A decision as the history keeps it."""
+        cur, cand = decision.current, decision.candidate
+        return {"t": now, "generation": self.generation, "reasons": reasons, "switch": decision.switch,
+                "decision": decision.reason, "kind": decision.kind,
+                "speeds": {c: round(s, 3) for c, s in speeds.items()}, "encoded_share": round(share, 3),
+                "old_plan": plan_summary(cur), "new_plan": plan_summary(cand),
+                "predicted_gain": round(decision.gain, 3),
+                "predicted_fps": [round(cur.throughput_fps, 1), round(cand.throughput_fps, 1)],
+                "predicted_p99_ms": [round(cur.latency_ms, 2), round(cand.latency_ms, 2)]}
 
     def _judge_trial(self, now: float) -> bool:
         """A latency trade was taken on a predicted tie in rate. Predictions of plans of different
@@ -223,11 +229,7 @@ class Runtime:
         speeds = {c: d.assumed for c, d in self.detector.clusters.items()}
         decision = Decision(True, reason, self.active.plan, trial["previous"], before / max(fps, 1e-9) - 1.0,
                             kind="revert")
-        back = {"t": now, "generation": self.generation, "reasons": [reason], "switch": True,
-                "decision": reason, "speeds": {c: round(s, 3) for c, s in speeds.items()},
-                "encoded_share": round(self.detector.assumed_share, 3),
-                "old_plan": plan_summary(self.active.plan), "new_plan": plan_summary(trial["previous"]),
-                "predicted_gain": round(decision.gain, 3), "kind": "revert"}
+        back = self._entry(now, [reason], decision, speeds, self.detector.assumed_share)
         log.warning("re-plan check: %s", reason)
         self._begin_switch(decision, speeds, self.detector.assumed_share, back)
         self.history.append(back)

@@ -246,8 +246,8 @@ def _check_file(name: str, st: os.stat_result, ident: tuple[int, int], nbytes: i
         raise ProtocolError("BAD_SHM", f"shared memory {name} has mode {stat.S_IMODE(st.st_mode):04o}; other users "
                                        "must have no access (create it with mode 0600)")
     if st.st_size != nbytes:
-        how = "truncated: it" if st.st_size < nbytes else "larger than registered: it"
-        raise ProtocolError("BAD_SHM", f"shared memory {name} is {how} has {st.st_size} bytes, expected {nbytes}")
+        how = "truncated" if st.st_size < nbytes else "larger than registered"
+        raise ProtocolError("BAD_SHM", f"shared memory {name} has {st.st_size} bytes, expected {nbytes} ({how})")
 
 
 class RegionCache:
