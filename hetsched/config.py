@@ -16,7 +16,7 @@ Schema (every key optional; see configs/*.yaml for commented examples)::
               cache_tolerance: 0.10}    # re-measure a cluster whose speed moved more than this
     transport: {kind: ipc, host: 127.0.0.1, hwm: 1}
     server: {bind: tcp://127.0.0.1:5555, max_inflight: null, max_pending: 64, metrics_port: null,
-             metrics_host: 127.0.0.1}
+             metrics_host: 127.0.0.1, direct_lane: true}
     emulation: {period_ms: null}
     input: {size: 224, resize: 256, mean: [...], std: [...], channel_order: RGB, layout: auto, dtype: auto,
             labels: null, top_k: 5}      # layout auto: NHWC when the model input is [1, H, W, 3], else NCHW;
@@ -115,6 +115,9 @@ class ServerConfig:
     max_pending: int = 64
     metrics_port: int | None = None  # serve Prometheus /metrics on this port (None: off)
     metrics_host: str = "127.0.0.1"
+    # local clients with shared-memory input send frames straight to a one-stage plan's workers and get
+    # their answers from them (hetsched.client.lane): the coordinator leaves the per-frame path
+    direct_lane: bool = True
 
 
 @dataclass(frozen=True)
@@ -380,7 +383,7 @@ def parse_config(raw: Any, path: str | None = None) -> Config:
     placement = _placement(raw, clusters)
     server = _section(raw, "server", ServerConfig, {
         "bind": _str, "max_inflight": _opt_int(1), "max_pending": _int(1), "metrics_port": _opt_int(0),
-        "metrics_host": _str})
+        "metrics_host": _str, "direct_lane": _bool})
     inp = _section(raw, "input", InputConfig, {
         "size": _int(8), "resize": _int(8), "mean": _triple, "std": _triple, "scale": _float(0.0, 1e6),
         "channel_order": _choice("RGB", "BGR"), "layout": _choice("NCHW", "NHWC", "auto"),

@@ -669,6 +669,7 @@ ELSEWHERE = {  # codes that need a particular service state, each shown by a tes
     "NO_PREPROCESS": "test_per_client_limits_and_a_raw_only_service",
     "SHUTTING_DOWN": "test_stopping_service_refuses_new_frames_and_times_out_unfinished_ones",
     "TIMEOUT": "test_stopping_service_refuses_new_frames_and_times_out_unfinished_ones",
+    "NO_LANE": "tests/test_lane.py::test_the_lane_is_refused_on_tcp_and_a_gone_client_releases_its_region",
     "FRAME_FAILED": "tests/test_reliability.py::test_a_poison_frame_is_failed_after_two_lost_workers_and_the_others_go_on",
     # no client message the service checks can cause it: the code of an unexpected exception in a
     # stage, sent by the same error path as the ordered codes (e.g. the ordered BAD_SHM of test_shm.py)

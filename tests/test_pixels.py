@@ -388,7 +388,7 @@ def test_client_submit_writes_pixel_frames_into_shared_memory(router):
         got: list = []
         th = threading.Thread(target=lambda: got.append(answer_register()))
         th.start()
-        assert c.enable_shm(slots=2, slot_bytes=payload_size("nv12", 64, 48))
+        assert c.enable_shm(slots=2, slot_bytes=payload_size("nv12", 64, 48), lane=False)  # (this router: no lane)
         th.join(10)
         region = attach_region(got[0]["name"], 2, got[0]["slot_bytes"])
         try:

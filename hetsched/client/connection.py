@@ -101,6 +101,9 @@ class Client:
         self._slot_views: dict[tuple, np.ndarray] = {}
         self._side: list[dict] = []  # non-frame replies seen while waiting for frame replies
         self._handshake_error: str | None = None
+        self._lane = None             # the direct lane to the workers (hetsched.client.lane), if granted
+        self._ready: list[dict] = []  # lane: replies due to the caller, in stream order
+        self._fields: dict[tuple, dict] = {}  # (dtype, shape) -> the header fields of such a tensor
 
     def __enter__(self) -> "Client":
         return self
@@ -109,6 +112,13 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        if self._lane is not None:
+            try:
+                self._lane.report(time.monotonic(), force=True)
+            except zmq.ZMQError:
+                pass
+            self._lane.close()
+            self._lane = None
         if self._mon is not None:
             try:
                 self.sock.disable_monitor()
@@ -157,13 +167,14 @@ class Client:
         return HetschedError(f"{what} from {self.endpoint}" + (f": {why}" if why else ""))
 
     # ------------------------------------------------------------------ requests
-    def enable_shm(self, slots: int = 16, slot_bytes: int | None = None) -> bool:
+    def enable_shm(self, slots: int = 16, slot_bytes: int | None = None, lane: bool = True) -> bool:
         """Use shared-memory input slots (services on ipc:// only): tensors and raw pixel frames are
         written into a /dev/shm region the service maps, and only a small header crosses the socket.
         ``slot_bytes`` defaults to one model input; give at least the largest pixel frame you will
         send (``hetsched.model.pixels.payload_size``: 1382400 for a 1280x720 nv12 frame). Frames
         larger than a slot still go over the socket. Returns False (and keeps sending over the
-        socket) when the service does not offer it."""
+        socket) when the service does not offer it. ``lane``: also ask for the direct lane (frames
+        straight to the workers, the coordinator off the per-frame path; ``hetsched.client.lane``)."""
         from hetsched.wire.shm import create_region
         if slot_bytes is None:
             inp = self.hello()["input"]
@@ -183,7 +194,33 @@ class Client:
             self._region.close()
         self._region, self._shm_id = region, rep["shm"]
         self._free_slots = list(range(slots))
+        if lane:
+            self.open_lane()
         return True
+
+    def open_lane(self) -> bool:
+        """Ask for the direct lane (needs :meth:`enable_shm` first; ipc:// services only). True when
+        frames now go straight to the workers; with a lane granted but not usable now (a plan of
+        several stages, say) frames go through the service until it is, without asking again."""
+        from hetsched.client.lane import Lane
+        if self._shm_id is None:
+            return False
+        rep = self._request({"type": "lane_open", "shm": self._shm_id}, "lane", errors_ok=True)
+        if rep.get("type") != "lane":
+            return False
+        if self._lane is not None:
+            self._lane.close()
+        self._lane = Lane(rep, self._ctx, self.sock, self._region.slot_bytes)
+        self._lane.pump(self._send_front)
+        return self._lane.direct
+
+    def lane_status(self) -> dict | None:
+        """The direct lane as this client sees it (None: not asked for or not offered)."""
+        if self._lane is None:
+            return None
+        b = self._lane.book
+        return {"direct": self._lane.direct, "why": self._lane.why, "generation": self._lane.generation,
+                "unanswered": b.unanswered, "replays": b.replays, "duplicates": b.duplicates}
 
     def submit(self, data: np.ndarray | bytes | memoryview, stream: str = "default", seq: int | None = None,
                encoding: str | None = None, want_outputs: bool = False, *, width: int | None = None,
@@ -206,6 +243,8 @@ class Client:
         head: dict = {"type": "submit", "stream": stream, "seq": seq}
         if want_outputs:
             head["outputs"] = True
+        if self._lane is not None:
+            return self._submit_lane(data, stream, seq, encoding, want_outputs, width, height, color)
         if encoding in PIXEL_ENCODINGS:
             pix, fields = _pixel_payload(data, encoding, width, height, color)
             if self._free_slots and pix.nbytes <= self._region.slot_bytes:
@@ -240,6 +279,100 @@ class Client:
         self.sock.send(cp.encode(head))
         return seq
 
+    # ------------------------------------------------------------------ the direct lane
+    def _slot_for(self, arr: np.ndarray) -> int | None:
+        """A free slot holding a copy of ``arr`` (None: none free, or it does not fit)."""
+        if not self._free_slots or arr.nbytes > self._region.slot_bytes:
+            return None
+        slot = self._free_slots.pop()
+        key = (slot, arr.dtype, arr.shape)  # (numpy computes dtype.name anew on every call: not here)
+        view = self._slot_views.get(key)
+        if view is None:
+            view = self._slot_views[key] = self._region.view(slot, arr.dtype.name, arr.shape)
+        np.copyto(view, arr)
+        return slot
+
+    def _tensor_fields(self, arr: np.ndarray) -> dict:
+        key = (arr.dtype, arr.shape)
+        fields = self._fields.get(key)
+        if fields is None:
+            fields = self._fields[key] = {"dtype": arr.dtype.name, "shape": list(arr.shape)}
+        return fields
+
+    def _submit_lane(self, data: Any, stream: str, seq: int, encoding: str | None, want_outputs: bool,
+                     width: int | None, height: int | None, color: str | None) -> int:
+        """Every frame goes into the lane's book (so replies keep per-stream order whichever way each
+        frame went): region frames and encoded images to the workers, the rest through the service."""
+        if encoding in PIXEL_ENCODINGS:
+            pix, fields = _pixel_payload(data, encoding, width, height, color)
+            slot = self._slot_for(pix)
+            request = ("pixels", slot, {"pixels": encoding, **fields}, None if slot is not None else pix)
+        elif width is not None or height is not None or color is not None:
+            raise ValueError("width, height and color go with a pixel encoding "
+                             f"({', '.join(PIXEL_ENCODINGS)}), not encoding {encoding!r}")
+        elif isinstance(data, np.ndarray):
+            slot = self._slot_for(data)
+            request = ("tensor", slot, self._tensor_fields(data),
+                       None if slot is not None else np.ascontiguousarray(data))
+        else:
+            request = ("encoded", None, {"encoding": encoding or "image"}, data)
+        if request[1] is not None:
+            self._slot_of[(stream, seq)] = request[1]
+        lane = self._lane
+        f = lane.book.add(stream, seq, request, want_outputs, time.monotonic())
+        if request[0] != "encoded" and request[1] is None:  # no slot: it can only go through the service
+            lane.book.queued.remove(f.token)
+            lane.book.on_sent(f.token, None, None)
+            self._send_front(f)
+        lane.pump(self._send_front)
+        return seq
+
+    def _send_front(self, f: Any) -> None:
+        """A lane-book frame through the service (no lane now, or no slot for it)."""
+        kind, slot, fields, payload = f.request
+        head: dict = {"type": "submit", "stream": f.stream, "seq": f.seq}
+        if f.want_outputs:
+            head["outputs"] = True
+        if slot is not None:
+            head.update(encoding="shm", shm=self._shm_id, slot=slot, **fields)
+            self.sock.send(cp.encode(head))
+            return
+        if kind == "pixels":
+            head.update(encoding=fields["pixels"], **{k: v for k, v in fields.items() if k != "pixels"})
+        elif kind == "tensor":
+            head.update(encoding="raw", **fields)
+        else:
+            head.update(encoding=fields["encoding"])
+        self.sock.send_multipart([cp.encode(head), payload], copy=False)
+
+    def _recv_lane(self, timeout: float) -> dict | None:
+        lane = self._lane
+        deadline = time.monotonic() + timeout
+        while not self._ready:
+            left = deadline - time.monotonic()
+            events = dict(lane.poller.poll(max(0, int(left * 1000)) if left > 0 else 0))
+            for sock in events:
+                if sock is self.sock:
+                    msg = self._recv_front()
+                    if msg.get("type") == "lane":
+                        for f, why in lane.update(msg):
+                            self._ready += lane.book.answer(f.token, {"type": "error", "code": "STAGE_FAILED",
+                                                                      "message": why, "stream": f.stream, "seq": f.seq})
+                        continue
+                    token = lane.book.front_token(msg.get("stream"), msg.get("seq")) \
+                        if msg.get("type") in ("result", "error") else None
+                    if token is None:
+                        self._ready.append(msg)
+                    else:
+                        self._ready += lane.book.answer(token, msg)
+                elif sock in lane.sock_key:
+                    self._ready += lane.on_worker_reply(sock)
+            lane.pump(self._send_front)
+            lane.report(time.monotonic())
+            if not events and time.monotonic() >= deadline:
+                return None
+        return self._deliver(self._ready.pop(0))
+
     def send_raw(self, parts: list) -> None:
         """Send arbitrary frames (for tests of hostile input)."""
         self.sock.send_multipart(parts)
@@ -273,18 +406,26 @@ class Client:
         if self._side:
             return self._side.pop(0)
         t = self.timeout if timeout is None else timeout
+        if self._lane is not None:
+            return self._recv_lane(t)
         if not self.sock.poll(int(t * 1000)):
             return None
+        return self._deliver(self._recv_front())
+
+    def _recv_front(self) -> dict:
         first = self.sock.recv(copy=False)
         parts = [first] if not first.more else [first, *self.sock.recv_multipart(copy=False)]
         msg = cp.loads(first.bytes)
+        if msg.get("type") == "result" and "outputs" in msg:
+            msg["arrays"] = [np.frombuffer(f.buffer, dtype=o["dtype"]).reshape(o["shape"])
+                             for o, f in zip(msg["outputs"], parts[1:])]
+        return msg
+
+    def _deliver(self, msg: dict) -> dict:
         if self._slot_of and msg.get("type") in ("result", "error"):  # its shared-memory slot is free again
             slot = self._slot_of.pop((msg.get("stream"), msg.get("seq")), None)
             if slot is not None:
                 self._free_slots.append(slot)
-        if msg.get("type") == "result" and "outputs" in msg:
-            msg["arrays"] = [np.frombuffer(f.buffer, dtype=o["dtype"]).reshape(o["shape"])
-                             for o, f in zip(msg["outputs"], parts[1:])]
         return msg
 
     def replies(self, expect: int, timeout: float | None = None) -> Iterator[dict]:

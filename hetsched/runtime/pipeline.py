@@ -82,7 +82,7 @@ class Pipeline:
                  run_dir: str | None = None, preprocess: Any = None, image_limits: Any = None,
                  heartbeat_timeout: float = 1.0, topk: TopkSpec | None = None, max_failures: int = 2,
                  frame_ids: Iterator[int] | None = None, generation: int = 0, launcher: Any = None,
-                 endpoint_host: Any = None):
+                 endpoint_host: Any = None, direct_lane: bool = True):
         """``preprocess``: an InputConfig: stage 0's workers also decode JPEG/PNG frames into the model
         input (whichever worker takes the frame). ``topk``: the last stage reports the top-k classes."""
         self.model, self.graph, self.plan = model, graph, plan
@@ -128,6 +128,14 @@ class Pipeline:
         self.launcher, self.endpoint_host = launcher, endpoint_host
         # called with (cluster, measured compute ms, predicted layers ms) for every frame a worker did
         self.observer: Any = None
+        # The direct lane (hetsched.client.lane): a one-stage plan on this host lets local clients
+        # with shared-memory input send frames to its workers and take the answers from them; the
+        # coordinator only learns counts and compute times from the workers' STATS.
+        self.direct_lane = direct_lane and transport == "ipc" and len(plan.stages) == 1 and launcher is None
+        self.lane_version = 0           # changes whenever what lane_info() says changes
+        self.direct_completed = 0       # frames the workers answered on the lane (from their STATS)
+        self.on_direct_done: Any = None  # called with the count of newly reported lane frames
+        self._direct_seen: dict[int, tuple] = {}  # wid -> (pid, frames reported)
 
     # ---------------------------------------------------------------- compatibility figures
     @property
@@ -228,7 +236,8 @@ class Pipeline:
                     connect_timeout=self.start_timeout,
                     log_level=logging.getLogger("hetsched").getEffectiveLevel(),
                     link_keys=self.link_keys.to_dict() if self.link_keys else None, spinning=self.spinning,
-                    cluster=member.cluster)
+                    cluster=member.cluster,
+                    direct_endpoint=(f"ipc://{os.path.join(self.run_dir, f'd{wid}')}" if self.direct_lane else None))
                 w = WorkerHandle(spec, member.cluster, member.service_ms, member.layers_ms)
                 self.workers.append(w)
                 self._by_wid[wid], self._by_ident[w.identity] = w, w
@@ -246,6 +255,7 @@ class Pipeline:
             self.supervisor.on_running(w.wid, now)
             self.dispatcher.set_accepting(w.wid, True)
         self._running = True
+        self.lane_version += 1
         self.t_started = now
         log.info("pipeline generation %d running: %d stages, %d workers, %d slots (started in %.2f s)",
                  self.generation, len(self.plan.stages), len(self.workers), self.max_inflight, now - self._t_begin)
@@ -505,6 +515,8 @@ class Pipeline:
             kind = msg["type"]
             if kind == "STATS":
                 w.on_stats(msg)
+                if msg.get("direct_frames"):
+                    self._on_direct_stats(w, msg)
             elif kind == "READY":
                 if msg.get("pid") not in (None, w.pid):
                     continue
@@ -517,6 +529,7 @@ class Pipeline:
                     w.process.kill()
                     continue
                 w.ready, w.endpoint = msg, msg["endpoint"]
+                w.direct_endpoint = msg.get("direct_endpoint")
                 self._go(w)
             elif kind == "RUNNING":
                 w.running = True
@@ -526,11 +539,45 @@ class Pipeline:
                 else:
                     self.supervisor.on_running(w.wid, now)
                     self.dispatcher.set_accepting(w.wid, True)
+                    self.lane_version += 1
             elif kind == "FAILED":
                 if starting:
                     raise WorkerDied(f"{w.spec.name} failed to start: {msg.get('error')}")
                 log.error("%s failed: %s", w.spec.name, msg.get("error"))
                 w.process.kill()
+
+    # ---------------------------------------------------------------- the direct lane
+    def lane_info(self) -> dict | None:
+        """What a lane client needs (docs/protocol.md, "Direct lane"), None when this plan has no lane:
+        the workers' endpoints, which of them take frames now, their expected time per frame."""
+        if not self.direct_lane or not self._running or self._retire_t is not None:
+            return None
+        workers = []
+        for w in self.workers:
+            slot = self.dispatcher.workers.get(w.wid)
+            workers.append({"worker": w.wid, "endpoint": getattr(w, "direct_endpoint", None),
+                            "accepting": bool(slot and slot.accepting and w.running),
+                            "service_ms": round((slot.service_s if slot else w.predicted_ms / 1e3) * 1e3, 3),
+                            "cluster": w.cluster})
+        return {"generation": self.generation, "credits": self.credits, "workers": workers}
+
+    def lane_state(self) -> dict:
+        """As ``Runtime.lane_state``: this plan's lane; no generation of its own is ever gone."""
+        return {"lane": self.lane_info(), "gone": []}
+
+    def _on_direct_stats(self, w: WorkerHandle, msg: dict) -> None:
+        pid, total = msg.get("pid"), int(msg["direct_frames"])
+        seen_pid, seen = self._direct_seen.get(w.wid, (pid, 0))
+        new = total - seen if seen_pid == pid else total  # a restarted worker counts from zero
+        self._direct_seen[w.wid] = (pid, total)
+        if new <= 0:
+            return
+        self.direct_completed += new
+        if self.on_direct_done is not None:
+            self.on_direct_done(new)
+        if self.observer is not None:
+            for s in msg.get("direct_samples", ()):
+                self.observer(w.cluster, s * 1e3, w.layers_ms)
 
     # ---------------------------------------------------------------- supervision
     def _supervise(self, now: float, done: list[FrameResult]) -> None:
@@ -548,6 +595,7 @@ class Pipeline:
                 w.process.kill()  # reported lost once it is seen dead (no blocking join here)
             elif action.kind == "lost" and w is not None:
                 self.dispatcher.set_accepting(w.wid, False)
+                self.lane_version += 1  # its lane clients replay what it held
                 outcomes = self.ledger.on_worker_lost(w.wid, action.reason or describe_exit(w.process.exitcode))
                 requeued = sum(1 for o in outcomes if o.kind == "requeued")
                 log.warning("%s (pid %s) %s (%s): %d frame(s) replayed elsewhere or after its restart",
@@ -651,6 +699,7 @@ class Pipeline:
         """Begin stopping without blocking (a plan that was replaced): ``retired`` finishes the job."""
         if self._retire_t is None:
             self._retire_t = time.monotonic()
+            self.lane_version += 1
             for w in self.workers:
                 try:
                     self._ctl.send_multipart([w.identity, sp.control("STOP")], flags=zmq.NOBLOCK)

@@ -55,6 +55,7 @@ class Runtime:
         self._ids = itertools.count()
         self.generation = 0
         self.active = make_pipeline(plan, 0, self._ids)
+        self.active.on_direct_done = self._note_direct
         self.starting: Pipeline | None = None
         self.draining: list[Pipeline] = []
         self.settings = settings
@@ -75,6 +76,8 @@ class Runtime:
         self._retired_counts = {"replayed": 0, "duplicates": 0, "restarts": 0}
         self._t_switched = 0.0
         self.replans = 0
+        self._gone: deque = deque(maxlen=16)   # generations whose workers are all gone (lane clients replay)
+        self._n_gone = 0
 
     # ------------------------------------------------------------------ like one pipeline
     def __getattr__(self, name: str) -> Any:  # graph, plan, preprocess, workers, supervisor, ...
@@ -138,6 +141,20 @@ class Runtime:
     def note_submit(self, encoded: bool) -> None:
         self.detector.on_submit(encoded)
 
+    def _note_direct(self, n: int) -> None:
+        now = time.monotonic()
+        self._done_times.extend([now] * n)
+
+    # ------------------------------------------------------------------ the direct lane
+    @property
+    def lane_version(self) -> tuple:
+        return (self.generation, self.active.lane_version, self._n_gone)
+
+    def lane_state(self) -> dict:
+        """The active plan's lane (None: it has none) and the generations that are gone: a lane client
+        replays what it still waits for from them (docs/protocol.md, "Direct lane")."""
+        return {"lane": self.active.lane_info(), "gone": list(self._gone)}
+
     # ------------------------------------------------------------------ the loop
     def process(self, events: dict) -> list[FrameResult]:
         done = self.active.process(events)
@@ -145,6 +162,8 @@ class Runtime:
             done += p.process(events)
             if not p.ledger.in_flight and p.retired():
                 self._retire_counts(p)
+                self._gone.append(p.generation)
+                self._n_gone += 1
                 self.draining.remove(p)
                 self._unregister(p)
                 log.info("plan generation %d retired", p.generation)
@@ -239,6 +258,7 @@ class Runtime:
         gen = self.generation + 1
         try:
             p = self._make(decision.candidate, gen, self._ids)
+            p.on_direct_done = self._note_direct
             for rid, reg in self._regions.items():
                 p.add_region(rid, *reg)
             p.begin()

@@ -310,7 +310,8 @@ def running_service(prep: Prepared, bind: str | None = None, *, with_preprocess:
     def make_pipeline(plan: Plan, generation: int, frame_ids) -> Pipeline:
         return Pipeline(prep.model, prep.graph, plan, max_inflight=max_inflight or cfg.server.max_inflight,
                         preprocess=cfg.input if prep.with_preprocess else None, image_limits=image_limits,
-                        topk=topk, frame_ids=frame_ids, generation=generation, **placed)
+                        topk=topk, frame_ids=frame_ids, generation=generation,
+                        direct_lane=cfg.server.direct_lane, **placed)
 
     specs, localize = prep.cluster_specs(), prep.core_map.localize
     rp = cfg.planner.replan

@@ -55,6 +55,9 @@ class WorkerSpec:
     # elsewhere (a Ray actor) and exits when its control link is down this many seconds
     # (hetsched.runtime.liveness)
     orphan_timeout: float | None = None
+    # the direct lane (hetsched.client.lane): stage 0 of a one-stage plan on one host also binds a
+    # ROUTER here; local clients send it frames and it answers them itself, the coordinator off the path
+    direct_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         if self.stage < 0 or self.worker < 0 or self.threads < 1 or not self.cores:

@@ -46,6 +46,8 @@ class StageRunner:
         # the last stage's session computes the top-k itself (hetsched.model.topk.with_topk)
         self.topk_names = [n for n in (TOPK_INDICES, TOPK_SCORES) if n in names]
         slots = spec.in_ring.slots if spec.in_ring is not None else 1
+        if spec.direct_endpoint is not None:
+            slots += 1  # the direct lane's frames: outputs in the worker's own buffers (one frame at a time)
         k = spec.topk.k if spec.topk is not None else 0
         self.top_idx = [np.empty((1, k), np.int64) for _ in range(slots)] if self.topk_names else []
         self.top_sc = [np.empty((1, k), np.float32) for _ in range(slots)] if self.topk_names else []
@@ -58,6 +60,8 @@ class StageRunner:
         self.in_ring = self.out_ring = None
         self.bindings: list = []
         self.ext_bindings: list = []
+        self.ext_outs: list = []
+        self.direct_slot = -1
         if spec.in_ring is not None:
             self.in_ring = attach_ring(spec.in_ring, writable=False)
             self.out_ring = attach_ring(spec.out_ring, writable=True)
@@ -65,6 +69,12 @@ class StageRunner:
                 self.bindings.append(self._binding(self.in_ring.views(s), self.out_ring.views(s)))
                 if spec.stage == 0:  # inputs from a client's region or a decoded image: rebound per frame
                     self.ext_bindings.append(self._binding(None, self.out_ring.views(s)))
+                    self.ext_outs.append(self.out_ring.views(s))
+            if spec.direct_endpoint is not None and spec.stage == 0:
+                own = [np.empty(shape, dtype) for _, dtype, shape in spec.outputs]
+                self.direct_slot = len(self.ext_bindings)
+                self.ext_bindings.append(self._binding(None, own))
+                self.ext_outs.append(own)
 
     def _binding(self, ins, outs):
         b = self.sess.io_binding()
@@ -120,7 +130,7 @@ class StageRunner:
         b = self.ext_bindings[slot]
         b.bind_input(self.in_names[0], "cpu", 0, x.dtype, x.shape, x.ctypes.data)
         self.sess.run_with_iobinding(b)
-        return self.out_ring.views(slot)
+        return self.ext_outs[slot]
 
     def run_arrays(self, arrays: list) -> list:
         """tcp:// path: inputs as arrays in boundary order -> outputs in boundary order (new arrays)."""
@@ -192,7 +202,7 @@ def main(spec: WorkerSpec) -> int:
         from hetsched.runtime.liveness import LinkWatch
         watch = LinkWatch(ctl, spec.orphan_timeout, spec.name)
     ctl.connect(spec.ctl_endpoint)
-    inp = out = runner = None
+    inp = out = runner = direct = None
     try:
         runner = StageRunner(spec)
         inp = ctx.socket(zmq.PULL)
@@ -206,8 +216,17 @@ def main(spec: WorkerSpec) -> int:
         out.setsockopt(zmq.LINGER, 2000)
         secure_link_client(out, link_keys)
         out.connect(spec.results_endpoint)
+        direct_endpoint = None
+        if spec.direct_endpoint is not None and runner.direct_slot >= 0:
+            direct = ctx.socket(zmq.ROUTER)
+            direct.setsockopt(zmq.RCVHWM, 64)
+            direct.setsockopt(zmq.SNDHWM, 1000)
+            direct.setsockopt(zmq.LINGER, 0)
+            direct.bind(spec.direct_endpoint)
+            direct_endpoint = direct.getsockopt(zmq.LAST_ENDPOINT).decode()
         ctl.send(control("READY", stage=spec.stage, worker=spec.worker, pid=os.getpid(),
-                         cores=sorted(os.sched_getaffinity(0)), endpoint=endpoint, **runner.session_info()))
+                         cores=sorted(os.sched_getaffinity(0)), endpoint=endpoint, direct_endpoint=direct_endpoint,
+                         **runner.session_info()))
         deadline = time.monotonic() + spec.connect_timeout
         early: list[dict] = []  # control messages before GO (client regions): handled when serving starts
         while True:
@@ -224,7 +243,7 @@ def main(spec: WorkerSpec) -> int:
         from hetsched.host.process import quiet_garbage_collector
         quiet_garbage_collector()
         ctl.send(control("RUNNING", stage=spec.stage, worker=spec.worker))
-        return serve(spec, runner, inp, out, ctl, stop, early)
+        return serve(spec, runner, inp, out, ctl, stop, early, direct)
     except Exception as exc:
         try:
             ctl.send(control("FAILED", stage=spec.stage, worker=spec.worker, pid=os.getpid(),
@@ -234,7 +253,7 @@ def main(spec: WorkerSpec) -> int:
         log.error("worker failed: %s", exc)
         return 1
     finally:
-        for sock in (inp, out, ctl):
+        for sock in (inp, out, ctl, direct):
             if sock is not None:
                 sock.close(linger=500)
         if link_auth is not None:
@@ -246,7 +265,8 @@ def main(spec: WorkerSpec) -> int:
             runner.close()
 
 
-def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, early: list[dict] = ()) -> int:
+def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, early: list[dict] = (),
+          direct=None) -> int:
     """The worker's loop (see the module docstring)."""
     import numpy as np
     import zmq
@@ -257,7 +277,7 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
 
     decode = convert = None
     if spec.preprocess is not None:
-        from hetsched.model.pixels import payload_size, pixels_to_input
+        from hetsched.model.pixels import check_pixels, payload_size, pixels_to_input
         from hetsched.model.preprocess import ImageLimits, preprocess_encoded
         limits = ImageLimits(**(spec.image_limits or {}))
         decode = lambda data: preprocess_encoded(data, spec.preprocess, limits)  # noqa: E731
@@ -273,6 +293,8 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
     poller = zmq.Poller()
     poller.register(inp, zmq.POLLIN)
     poller.register(ctl, zmq.POLLIN)
+    if direct is not None:
+        poller.register(direct, zmq.POLLIN)
     stage, wid = spec.stage, spec.worker
     interval = spec.stats_interval
     frames_done = errors = 0
@@ -281,19 +303,21 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
     # the whole process's with more (its pool threads do the work)
     cpu_clock = time.thread_time if spec.threads == 1 else time.process_time
     samples: list[float] = []
+    direct_frames = 0                 # frames of the direct lane (their clients count them, not the coordinator)
+    direct_samples: list[float] = []  # ... and their compute times (the re-planner's speed estimate)
     monotonic = time.monotonic
     t_last_stats = t_idle_from = monotonic()
-    recv = inp.recv_multipart
     send = out.send_multipart
     send1 = out.send
     NOBLOCK = int(zmq.NOBLOCK)
 
     def send_stats(final: bool = False) -> None:
-        nonlocal samples
+        nonlocal samples, direct_samples
         ctl.send(sp.control("STATS", stage=stage, worker=wid, pid=os.getpid(), frames=frames_done, errors=errors,
                             wait_s=wait_s, compute_s=compute_s, send_s=send_s, input_s=input_s,
-                            compute_cpu_s=cpu_s, samples=samples[-512:], t=monotonic(), final=final))
-        samples = []
+                            compute_cpu_s=cpu_s, samples=samples[-512:], t=monotonic(), final=final,
+                            direct_frames=direct_frames, direct_samples=direct_samples[-512:]))
+        samples, direct_samples = [], []
 
     def on_control(msg: dict) -> bool:
         kind = msg["type"]
@@ -311,79 +335,110 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
                 r.close()
         return True
 
-    for msg in early:
-        on_control(msg)
-    while not stop["flag"]:
-        events = dict(poller.poll(min(100, int(interval * 1000))))
-        if not events:
-            if monotonic() - t_last_stats >= interval:
-                send_stats()
-                t_last_stats = monotonic()
-            continue
-        if ctl in events and not on_control(sp.parse_control(ctl.recv())):
-            break
+    def compute(w, parts, slot: int, t_recv: float):
+        """Run one frame (inputs wherever its work message says); (outputs, compute start time)."""
+        t_start = t_recv  # compute starts after decoding (the decoding shows as queueing)
+        if tcp:
+            if w.kind in (sp.KIND_BYTES, sp.KIND_PIXELS):
+                if decode is None:
+                    raise ProtocolError("BAD_ENCODING", "this stage does not decode images")
+                arrays = [decode(parts[1].buffer) if w.kind == sp.KIND_BYTES else convert(w, parts[1].buffer)]
+                t_start = monotonic()
+            else:
+                arrays = _arrays_from_frames(spec, parts[1:])
+            outs = runner.run_arrays(arrays)
+        elif w.kind == sp.KIND_RING:
+            outs = runner.run_slot(slot)
+        elif w.kind == sp.KIND_REGION:
+            region = regions.get(w.region)
+            deadline = monotonic() + 0.5
+            while region is None and monotonic() < deadline:  # its REGION message may still be on its way
+                if ctl.poll(20) and not on_control(sp.parse_control(ctl.recv())):
+                    stop["flag"] = True
+                region = regions.get(w.region)
+            if region is None:
+                raise ProtocolError("BAD_SHM", region_errors.get(
+                    w.region, f"shared-memory region {w.region} is not mapped here"))
+            if w.pixels is None:
+                outs = runner.run_external(slot, region.view(w.region_slot, in_dtype, in_shape))
+            elif convert is None:
+                raise ProtocolError("BAD_ENCODING", "this stage does not take camera pixels")
+            else:
+                x = convert(w, region.view(w.region_slot, "uint8", (payload_size(w.pixels, w.width, w.height),)))
+                t_start = monotonic()
+                outs = runner.run_external(slot, x)
+        elif w.kind == sp.KIND_BYTES:
+            if decode is None:
+                raise ProtocolError("BAD_ENCODING", "this stage does not decode images")
+            x = decode(parts[1].buffer)
+            t_start = monotonic()
+            outs = runner.run_external(slot, x)
+        elif w.kind == sp.KIND_PIXELS:
+            if convert is None:
+                raise ProtocolError("BAD_ENCODING", "this stage does not take camera pixels")
+            x = convert(w, parts[1].buffer)
+            t_start = monotonic()
+            outs = runner.run_external(slot, x)
+        else:
+            raise ProtocolError("BAD_FRAMES", "tensors in frames on a shared-memory link")
+        return outs, t_start
+
+    def direct_check(w, parts) -> None:
+        """What a direct client sends is checked here (the coordinator does not see it): a region frame
+        or an encoded image only, never a ring slot, pixel frames within their region slot and limits."""
+        if w.kind not in (sp.KIND_REGION, sp.KIND_BYTES, sp.KIND_PIXELS):
+            raise ProtocolError("BAD_FRAMES", "the direct lane takes region frames and encoded images only")
+        if w.kind != sp.KIND_REGION and len(parts) != 2:
+            raise ProtocolError("BAD_FRAMES", "an encoded or pixel frame needs exactly one payload frame")
+        if w.pixels is not None and convert is not None:  # (without, the frame fails with BAD_ENCODING)
+            n = payload_size(w.pixels, w.width, w.height)
+            size = n if w.kind == sp.KIND_REGION else len(parts[1].buffer)
+            check_pixels(w.pixels, size, w.width, w.height, w.color, limits)
+
+    def direct_send(msg: list) -> None:
+        try:
+            direct.send_multipart(msg, NOBLOCK, copy=True)
+        except zmq.Again:  # a client that does not read its replies loses them, not the others theirs
+            pass
+        except zmq.ZMQError:  # gone
+            pass
+
+    def drain(sock, reply) -> bool:
+        """Serve every frame waiting on ``sock``; ``reply`` None: the coordinator's link (done messages
+        to it), else a direct lane (the answer goes back to the client that sent the frame)."""
+        nonlocal frames_done, errors, wait_s, compute_s, send_s, input_s, cpu_s, t_idle_from, t_last_stats
+        nonlocal direct_frames
         while True:
             try:
-                parts = recv(NOBLOCK, copy=False)
+                parts = sock.recv_multipart(NOBLOCK, copy=False)
             except zmq.Again:
-                break
+                return True
             t_recv = monotonic()
             c0 = cpu_clock()
+            ident = None
+            if reply is not None:
+                if len(parts) < 2:
+                    errors += 1
+                    continue
+                ident, parts = parts[0], parts[1:]
             try:
                 w = sp.unpack_work(parts[0].buffer)
             except ProtocolError:
                 errors += 1
                 continue
+            slot = w.slot if reply is None else runner.direct_slot
             try:
-                t_start = t_recv  # compute starts after decoding (the decoding shows as queueing)
-                if tcp:
-                    if w.kind in (sp.KIND_BYTES, sp.KIND_PIXELS):
-                        if decode is None:
-                            raise ProtocolError("BAD_ENCODING", "this stage does not decode images")
-                        arrays = [decode(parts[1].buffer) if w.kind == sp.KIND_BYTES else convert(w, parts[1].buffer)]
-                        t_start = monotonic()
-                    else:
-                        arrays = _arrays_from_frames(spec, parts[1:])
-                    outs = runner.run_arrays(arrays)
-                elif w.kind == sp.KIND_RING:
-                    outs = runner.run_slot(w.slot)
-                elif w.kind == sp.KIND_REGION:
-                    region = regions.get(w.region)
-                    deadline = monotonic() + 0.5
-                    while region is None and monotonic() < deadline:  # its REGION message may still be on its way
-                        if ctl.poll(20) and not on_control(sp.parse_control(ctl.recv())):
-                            stop["flag"] = True
-                        region = regions.get(w.region)
-                    if region is None:
-                        raise ProtocolError("BAD_SHM", region_errors.get(
-                            w.region, f"shared-memory region {w.region} is not mapped here"))
-                    if w.pixels is None:
-                        outs = runner.run_external(w.slot, region.view(w.region_slot, in_dtype, in_shape))
-                    elif convert is None:
-                        raise ProtocolError("BAD_ENCODING", "this stage does not take camera pixels")
-                    else:
-                        x = convert(w, region.view(w.region_slot, "uint8", (payload_size(w.pixels, w.width, w.height),)))
-                        t_start = monotonic()
-                        outs = runner.run_external(w.slot, x)
-                elif w.kind == sp.KIND_BYTES:
-                    if decode is None:
-                        raise ProtocolError("BAD_ENCODING", "this stage does not decode images")
-                    x = decode(parts[1].buffer)
-                    t_start = monotonic()
-                    outs = runner.run_external(w.slot, x)
-                elif w.kind == sp.KIND_PIXELS:
-                    if convert is None:
-                        raise ProtocolError("BAD_ENCODING", "this stage does not take camera pixels")
-                    x = convert(w, parts[1].buffer)
-                    t_start = monotonic()
-                    outs = runner.run_external(w.slot, x)
-                else:
-                    raise ProtocolError("BAD_FRAMES", "tensors in frames on a shared-memory link")
+                if reply is not None:
+                    direct_check(w, parts)
+                outs, t_start = compute(w, parts, slot, t_recv)
                 t_end = monotonic()
                 cpu_s += cpu_clock() - c0
-                top = runner.top(0 if tcp else w.slot, outs) if topk is not None else None
+                top = runner.top(0 if tcp else slot, outs) if topk is not None else None
                 head = sp.pack_done(stage, wid, w.frame_id, w.attempt, w.slot, t_recv, t_start, t_end, top)
-                msg = [head, *(np.ascontiguousarray(a) for a in outs)] if tcp else [head]
+                if tcp or (reply is not None and w.flags & sp.FLAG_WANT_OUTPUTS):
+                    msg = [head, *(np.ascontiguousarray(a) for a in outs)]
+                else:
+                    msg = [head]
             except Exception as exc:  # a bad frame must not kill the stage
                 errors += 1
                 code = getattr(exc, "code", "STAGE_FAILED")
@@ -391,19 +446,24 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
                 msg = [sp.pack_failed(stage, wid, w.frame_id, w.attempt, w.slot, code, t_recv, monotonic()),
                        text.encode("utf-8", "replace")]
                 t_start = t_end = monotonic()
-            try:
-                if len(msg) == 1:
-                    send1(msg[0], NOBLOCK)
-                else:
-                    send(msg, NOBLOCK, copy=tcp)
-            except zmq.Again:  # the coordinator is not reading: wait (heartbeats go on)
-                while not stop["flag"]:
-                    if out.poll(50, zmq.POLLOUT):
-                        send(msg, copy=tcp)
-                        break
-                    if monotonic() - t_last_stats >= interval:
-                        send_stats()
-                        t_last_stats = monotonic()
+            if reply is not None:
+                reply([ident, *msg])
+                direct_frames += 1
+                direct_samples.append(t_end - t_start)
+            else:
+                try:
+                    if len(msg) == 1:
+                        send1(msg[0], NOBLOCK)
+                    else:
+                        send(msg, NOBLOCK, copy=tcp)
+                except zmq.Again:  # the coordinator is not reading: wait (heartbeats go on)
+                    while not stop["flag"]:
+                        if out.poll(50, zmq.POLLOUT):
+                            send(msg, copy=tcp)
+                            break
+                        if monotonic() - t_last_stats >= interval:
+                            send_stats()
+                            t_last_stats = monotonic()
             t_sent = monotonic()
             frames_done += 1
             wait_s += max(0.0, t_recv - t_idle_from)
@@ -417,7 +477,25 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
                 t_last_stats = monotonic()
                 if ctl.getsockopt(zmq.EVENTS) & zmq.POLLIN and not on_control(sp.parse_control(ctl.recv())):
                     stop["flag"] = True
-                    break
+                    return False
+            if sock is inp and direct is not None and direct.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return True  # take turns with the direct lane: neither waits for the other to empty
+
+    for msg in early:
+        on_control(msg)
+    while not stop["flag"]:
+        events = dict(poller.poll(min(100, int(interval * 1000))))
+        if not events:
+            if monotonic() - t_last_stats >= interval:
+                send_stats()
+                t_last_stats = monotonic()
+            continue
+        if ctl in events and not on_control(sp.parse_control(ctl.recv())):
+            break
+        if not drain(inp, None):
+            break
+        if direct is not None and not drain(direct, direct_send):
+            break
         now = monotonic()
         if now - t_last_stats >= interval:
             send_stats()

@@ -50,6 +50,7 @@ class WorkerHandle:
     carry: dict = field(default_factory=dict)   # counters of this worker's earlier (dead) processes
     samples: list = field(default_factory=list)
     feed: Any = None                            # the coordinator's PUSH socket to this worker
+    direct_endpoint: str | None = None          # its direct lane's ROUTER (hetsched.client.lane), if any
 
     @property
     def wid(self) -> int:

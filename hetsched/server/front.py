@@ -63,6 +63,7 @@ class _Client:
     frames: int = 0
     last_seen: float = 0.0
     regions: dict[int, Any] = field(default_factory=dict)    # shared-memory input regions (hetsched.wire.shm)
+    lane_region: int | None = None       # its direct lane's region (this connection's id), None: no lane
 
 
 @dataclass
@@ -162,6 +163,8 @@ class Server:
         self._loop_window_max = 0.0
         self._in_expected = (pipeline.graph.inputs[0].dtype, pipeline.graph.inputs[0].shape)
         self._out_names = [t.name for t in pipeline.graph.outputs]
+        self._lanes = hasattr(pipeline, "lane_version")
+        self._lane_version = pipeline.lane_version if self._lanes else None
 
     # ------------------------------------------------------------------ loop
     def serve(self, should_stop: Callable[[], bool], on_tick: Callable[["Server"], None] | None = None,
@@ -192,6 +195,9 @@ class Server:
             self._on_result(res)
         if self.pending:
             self._pump()
+        if self._lanes and self._lane_version != self.pipe.lane_version:
+            self._lane_version = self.pipe.lane_version
+            self._announce_lane()
         if self._outbox_dirty:
             self._flush_all()
         now = time.monotonic()
@@ -205,6 +211,7 @@ class Server:
     def drain(self, poller: zmq.Poller, timeout: float) -> None:
         """Stop accepting; finish accepted frames within ``timeout``; error the rest; flush replies."""
         self.accepting = False
+        self._announce_lane()  # lane clients send what they still wait for here: it is answered below
         deadline = time.monotonic() + timeout
         while (self.pending or self.jobs) and time.monotonic() < deadline:
             self.step(poller, 20)
@@ -295,6 +302,11 @@ class Server:
                 limit = msg.get("limit", 1000)
                 limit = limit if isinstance(limit, int) and 0 < limit <= cp.MAX_TRACE_FRAMES else 1000
                 rep = {"type": "trace", **self.trace(limit)}
+            elif t == "lane_report":
+                self._on_lane_report(client, msg)
+                return
+            elif t == "lane_open":
+                rep = self._open_lane(client, msg)
             else:  # shm_register
                 rep = {"type": "shm_registered", **self._register_shm(client, msg)}
             if rid is not None:
@@ -381,6 +393,67 @@ class Server:
         client.regions[rid] = region
         self.pipe.add_region(region.global_id, region.name, region.slots, region.slot_bytes)
         return {"shm": rid, "slots": region.slots, "slot_bytes": region.slot_bytes}
+
+    # ------------------------------------------------------------------ the direct lane
+    def _lane_message(self, client: _Client) -> dict:
+        """What ``client`` needs to send its frames straight to the workers (docs/protocol.md,
+        "Direct lane"): the active plan's lane, or why there is none now, and the generations gone."""
+        state = self.pipe.lane_state() if hasattr(self.pipe, "lane_state") else {"lane": None, "gone": []}
+        lane, why = state["lane"], None
+        if not self.accepting:
+            lane, why = None, "the service is stopping"
+        elif lane is None:
+            why = "this plan has no direct lane (more than one stage, tcp:// workers or server.direct_lane off)"
+        region = client.regions.get(client.lane_region) if client.lane_region is not None else None
+        msg: dict = {"type": "lane", "direct": lane is not None and region is not None, "why": why,
+                     "gone": state["gone"]}
+        if lane is not None and region is not None:
+            msg.update(lane, region=region.global_id)
+        return msg
+
+    def _open_lane(self, client: _Client, msg: dict) -> dict:
+        if not self.endpoint.startswith("ipc://"):
+            raise ProtocolError("NO_LANE", "the direct lane is only offered on ipc:// sockets (same host)")
+        rid = msg.get("shm")
+        if rid not in client.regions:
+            raise ProtocolError("BAD_SHM", f"no shared-memory region {rid!r} registered on this connection")
+        client.lane_region = rid
+        out = self._lane_message(client)
+        topk = getattr(self.pipe, "topk", None)
+        out["labels"] = self.labels
+        out["outputs"] = [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in self.pipe.graph.outputs]
+        out["top_k"] = topk.k if topk is not None else 0
+        return out
+
+    def _announce_lane(self) -> None:
+        """Tell every lane client what changed (a new plan, a worker lost or back, a plan gone)."""
+        for c in self.clients.values():
+            if c.lane_region is not None:
+                self._reply_now(c, [cp.encode(self._lane_message(c))])
+
+    def _on_lane_report(self, client: _Client, msg: dict) -> None:
+        """A lane client's counts since its last report: the service's counters stay whole."""
+        def count(v: Any) -> int:
+            return v if type(v) is int and 0 <= v <= 1_000_000 else 0
+        frames, encoded = count(msg.get("frames")), count(msg.get("encoded"))
+        lat = msg.get("latency_ms")
+        lat = [x for x in lat[:4096] if isinstance(x, (int, float)) and 0 <= x < 1e7] if isinstance(lat, list) else []
+        errors = msg.get("errors") if isinstance(msg.get("errors"), dict) else {}
+        n_err = 0
+        for code, n in list(errors.items())[:64]:
+            n = count(n)
+            n_err += n
+            for _ in range(min(n, 10000)):
+                self.counters.on_error(str(code)[:32])
+        self.counters.accepted += frames + n_err
+        client.frames += frames + n_err
+        t = time.monotonic()
+        for x in lat[:frames]:
+            self.counters.on_result(x / 1e3, (), t)
+        self.counters.completed += max(0, frames - len(lat))
+        if self._note_submit is not None:
+            for i in range(min(frames + n_err, 100000)):
+                self._note_submit(i < encoded)
 
     def _close_region(self, region: Any) -> None:
         self.pipe.remove_region(getattr(region, "global_id", -1))
@@ -481,8 +554,10 @@ class Server:
                 outbox.clear()
                 self._outbox_dirty.discard(client)
         for client in gone:
-            if client.inflight == 0:
-                self.clients.pop(client.identity, None)
+            if client.inflight == 0 and self.clients.pop(client.identity, None) is not None:
+                for region in client.regions.values():  # its regions go with it (else mapped until stop)
+                    self._close_region(region)
+                client.regions.clear()
             client.outbox.clear()
             self._outbox_dirty.discard(client)
 

@@ -28,7 +28,7 @@ IMAGE_ENCODINGS = ("jpeg", "png", "image")
 ENCODINGS = IMAGE_ENCODINGS + ("raw", "shm") + PIXEL_ENCODINGS
 MAX_PIXEL_SIDE = 1 << 20  # the form check of width/height; ImageLimits decide what is accepted
 DTYPES = ("float32", "float16", "float64", "uint8", "int8", "int32", "int64")
-CLIENT_TYPES = ("submit", "hello", "stats", "query", "trace", "shm_register")
+CLIENT_TYPES = ("submit", "hello", "stats", "query", "trace", "shm_register", "lane_open", "lane_report")
 MAX_TRACE_FRAMES = 5000
 
 # Error codes (see docs/protocol.md for what each means and whether a retry can help).
@@ -36,6 +36,7 @@ ERROR_CODES = {
     "BAD_HEADER": "header frame is not a JSON object of the documented form",
     "BAD_VERSION": "unsupported protocol version",
     "BAD_TYPE": "unknown message type",
+    "NO_LANE": "the direct lane is offered on ipc:// sockets only",
     "BAD_FRAMES": "wrong number of payload frames",
     "BAD_IMAGE": "payload is not a decodable JPEG/PNG image",
     "IMAGE_TOO_LARGE": "image dimensions over the limit (checked before decoding)",
