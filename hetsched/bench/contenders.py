@@ -216,7 +216,8 @@ class HetschedContender:
 
     def unloaded(self, traffic: Traffic, seconds: float) -> dict:
         """One frame at a time: where a lone frame's latency goes (client socket, each stage's
-        transfer-in and compute, the rest of the coordinator's path), medians in ms."""
+        transfer-in and compute, the rest of the coordinator's path; on the direct lane: the answer's way
+        back to the client), medians in ms."""
         from hetsched.client.feed import feed
         from hetsched.observe.metrics import percentile
         reps: list[dict] = []
@@ -234,7 +235,8 @@ class HetschedContender:
         server = [r["latency_ms"] for r in ok]
         inside = [sum(h["queue_ms"] + h["compute_ms"] for h in r["stages"]) for r in ok]
         client_lat = stats.latencies_ms
-        return {"frames": len(ok), "client_latency_ms": med(client_lat), "server_latency_ms": med(server),
+        return {"frames": len(ok), "lane": all(r.get("lane") for r in ok),
+                "client_latency_ms": med(client_lat), "server_latency_ms": med(server),
                 "stages": stages, "coordinator_rest_ms": med([sv - ins for sv, ins in zip(server, inside)]),
                 "client_socket_ms": med([c - sv for c, sv in zip(client_lat, server)])
                 if len(client_lat) == len(server) else None}

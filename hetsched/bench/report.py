@@ -162,8 +162,10 @@ def _details(sc: dict, kind: str, t: dict, table) -> list[str]:
         parts = "; ".join(f"stage {x['stage']}: transfer in {_fmt(x['transfer_in_ms'], 3)} + compute "
                           f"{_fmt(x['compute_ms'], 3)}" for x in u["stages"])
         L += [f"hetsched, one frame at a time (median ms): client-measured {_fmt(u['client_latency_ms'], 3)} = "
-              f"client socket {_fmt(u['client_socket_ms'], 3)} + {parts} + rest of the coordinator's path "
-              f"{_fmt(u['coordinator_rest_ms'], 3)}.", ""]
+              f"client socket {_fmt(u['client_socket_ms'], 3)} + {parts} + "
+              + ("the answer's way back to the client (direct lane: no coordinator on the path) " if u.get("lane")
+                 else "rest of the coordinator's path ")
+              + f"{_fmt(u['coordinator_rest_ms'], 3)}.", ""]
     corr, fl, bg = t["correctness"], t["foreign_cpu_pct"], t["background_cpu_pct"]
     worst = ", ".join(f"{n} {_fmt(v)} %" for n, v in sorted(bg.get("max_by_contender", {}).items()))
     L += [f"Outputs: {'equal' if corr['ok'] else 'NOT equal'} to the unsplit model's (1-thread onnxruntime) within "
