@@ -177,3 +177,30 @@ def test_measured_speed_replaces_the_prediction():
         d.on_dispatch(0, float(i))
         d.on_done(0, i + 0.02, 0.02)
     assert d.workers[0].service_s == pytest.approx(0.02, rel=0.01)
+
+
+def test_late_binding_keeps_a_frame_for_the_worker_that_finishes_it_first():
+    """With a backlog given: at light load a frame goes to an idle worker only, and waits for a busy
+    big core rather than taking a little one that would finish it later; with more frames waiting
+    than workers, every credit is used."""
+    d = Dispatcher()
+    d.add(0, 0, 0.005)   # big
+    d.add(1, 0, 0.020)   # little (a quarter of the speed)
+    for w in (0, 1):
+        d.set_accepting(w, True)
+    now = 0.0
+    assert d.pick(0, now, backlog=1) == 0
+    d.on_dispatch(0, now)
+    # big busy until +5 ms: a frame finishes there at +10 ms, on the little core at +20 ms: keep it
+    assert d.pick(0, now, backlog=1) is None
+    assert d.pick(0, now) == 0                        # (early binding: to big's second credit)
+    # three frames waiting for two workers: the second credits are used
+    assert d.pick(0, now, backlog=3) == 0
+    d.on_dispatch(0, now)
+    assert d.pick(0, now, backlog=3) is None          # big full, but the little would finish later...
+    d.workers[0].busy_until = now + 0.030             # ...unless big is far behind
+    assert d.pick(0, now, backlog=3) == 1
+    d.on_dispatch(1, now)
+    # the little's second credit would finish at +40 ms, the full big core at +35: the frame waits
+    assert d.pick(0, now, backlog=3) is None
+    assert d.pick(0, now) == 1                        # (early binding takes any free credit)

@@ -52,15 +52,30 @@ class Dispatcher:
         if not accepting:
             w.outstanding, w.busy_until = 0, 0.0
 
-    def pick(self, stage: int, now: float) -> int | None:
-        best, best_t = None, 0.0
-        for w in self._by_stage.get(stage, ()):
-            if not w.accepting or w.outstanding >= w.credits:
+    def pick(self, stage: int, now: float, backlog: int | None = None) -> int | None:
+        """The worker to send the next frame of ``stage`` to, None: keep it for now.
+
+        ``backlog`` (frames waiting for the stage, this one included) binds frames late: while no more
+        frames wait than the stage has workers, a frame goes only to an idle worker, and is kept back
+        rather than sent to one that would finish it later than a busy worker would; so at light load
+        a frame is never committed behind another on a guess (it waits until the worker that should
+        take it is free). Once more frames wait, every credit is used: at saturation every worker
+        keeps a frame in reserve and never waits. Without ``backlog``: every credit is used at once (the earliest finish among workers
+        with a free credit)."""
+        ws = self._by_stage.get(stage, ())
+        late = backlog is not None
+        light = late and backlog <= len(ws)
+        best, best_t, best_ok = None, 0.0, False
+        for w in ws:
+            if not w.accepting:
+                continue
+            ok = w.outstanding < w.credits and (not light or w.outstanding == 0)
+            if not ok and not late:
                 continue
             t = max(now, w.busy_until) + w.service_s
             if best is None or t < best_t - 1e-9 or (abs(t - best_t) <= 1e-9 and w.service_s < best.service_s):
-                best, best_t = w, t
-        return None if best is None else best.wid
+                best, best_t, best_ok = w, t, ok
+        return best.wid if best is not None and best_ok else None
 
     def has_credit(self, stage: int) -> bool:
         return any(w.accepting and w.outstanding < w.credits for w in self._by_stage.get(stage, ()))
