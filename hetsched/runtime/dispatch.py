@@ -59,19 +59,20 @@ class Dispatcher:
         frames wait than the stage has workers, a frame goes only to an idle worker, and is kept back
         rather than sent to one that would finish it later than a busy worker would; so at light load
         a frame is never committed behind another on a guess (it waits until the worker that should
-        take it is free). Once more frames wait, every credit is used: at saturation every worker
-        keeps a frame in reserve and never waits. Without ``backlog``: every credit is used at once (the earliest finish among workers
+        take it is free). Once more frames wait, every free credit is used, on the earliest finish
+        among them: at saturation every worker keeps a frame in reserve and never waits. Without ``backlog``: every credit is used at once (the earliest finish among workers
         with a free credit)."""
         ws = self._by_stage.get(stage, ())
         late = backlog is not None
         light = late and backlog <= len(ws)
         best, best_t, best_ok = None, 0.0, False
         for w in ws:
-            if not w.accepting:
+            if not w.accepting or (not light and w.outstanding >= w.credits):
                 continue
-            ok = w.outstanding < w.credits and (not light or w.outstanding == 0)
-            if not ok and not late:
-                continue
+            # light load: only an idle worker takes it, a busy one is still a reason to keep it back.
+            # Saturated: only free credits count (keeping a frame back for a full fast worker would
+            # leave a slow one idle while frames wait: the rate needs every worker's share)
+            ok = not light or w.outstanding == 0
             t = max(now, w.busy_until) + w.service_s
             if best is None or t < best_t - 1e-9 or (abs(t - best_t) <= 1e-9 and w.service_s < best.service_s):
                 best, best_t, best_ok = w, t, ok

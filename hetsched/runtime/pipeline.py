@@ -38,7 +38,7 @@ from hetsched.errors import HetschedError, ProtocolError, ShapeMismatch, WorkerD
 from hetsched.host.process import describe_exit, keep_large_buffers, reap_processes
 from hetsched.model.graph import ModelGraph, passthrough_names
 from hetsched.planning.plan import Plan
-from hetsched.runtime.dispatch import Dispatcher
+from hetsched.runtime.dispatch import EWMA_WEIGHT, Dispatcher
 from hetsched.runtime.ledger import FrameRec, Hop, Ledger
 from hetsched.runtime.spec import TopkSpec, WorkerSpec
 from hetsched.runtime.supervisor import Supervisor
@@ -575,8 +575,11 @@ class Pipeline:
         self.direct_completed += new
         if self.on_direct_done is not None:
             self.on_direct_done(new)
-        if self.observer is not None:
-            for s in msg.get("direct_samples", ()):
+        slot = self.dispatcher.workers.get(w.wid)
+        for s in msg.get("direct_samples", ()):
+            if slot is not None and s > 0:  # the time per frame stats and a new lane client start from
+                slot.service_s += EWMA_WEIGHT * (s - slot.service_s)
+            if self.observer is not None:
                 self.observer(w.cluster, s * 1e3, w.layers_ms)
 
     # ---------------------------------------------------------------- supervision
