@@ -163,7 +163,8 @@ def _details(sc: dict, kind: str, t: dict, table) -> list[str]:
                           f"{_fmt(x['compute_ms'], 3)}" for x in u["stages"])
         L += [f"hetsched, one frame at a time (median ms): client-measured {_fmt(u['client_latency_ms'], 3)} = "
               f"client socket {_fmt(u['client_socket_ms'], 3)} + {parts} + "
-              + ("the answer's way back to the client (direct lane: no coordinator on the path) " if u.get("lane")
+              + ("the rest: image decode if any, the answer's way back to the client (direct lane: no coordinator "
+                 "on the path) " if u.get("lane")
                  else "rest of the coordinator's path ")
               + f"{_fmt(u['coordinator_rest_ms'], 3)}.", ""]
     corr, fl, bg = t["correctness"], t["foreign_cpu_pct"], t["background_cpu_pct"]
