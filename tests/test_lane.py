@@ -120,7 +120,10 @@ def test_lane_results_equal_the_unsplit_model_with_the_coordinator_off_the_path(
         # the service still counts them (the client's reports and the workers' heartbeats)
         wait_for(lambda: svc.server.counters.completed == 31, timeout=10, what="lane reports")
         wait_for(lambda: svc.pipe.direct_completed == 31, timeout=10, what="worker heartbeats")
-        assert svc.server.counters.latency.count == 31
+        assert svc.server.counters.latency.count == 31 and svc.server.counters.stage_compute[0].count == 31
+        lane_trace = [f for f in svc.server.trace(1000)["frames"] if f["id"] < 0]
+        assert len(lane_trace) == 31 and all(len(f["hops"]) == 1 and f["hops"][0][0] == 0 for f in lane_trace)
+        assert all(f["t_submit"] <= f["hops"][0][2] <= f["hops"][0][4] <= f["t_done"] for f in lane_trace)
 
 
 @pytest.mark.timeout(180)

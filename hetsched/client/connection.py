@@ -378,6 +378,8 @@ class Client:
         self.sock.send_multipart(parts)
 
     def _request(self, msg: dict, reply_type: str, errors_ok: bool = False) -> dict:
+        if self._lane is not None:  # what the lane did so far first: stats and trace then count it
+            self._lane.report(time.monotonic(), force=True)
         self.sock.send_multipart([cp.encode(msg)])
         deadline = time.monotonic() + self.timeout
         while True:

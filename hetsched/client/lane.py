@@ -159,7 +159,7 @@ class Lane:
         self.pids: dict[int, Any] = {}
         self.direct = False
         self.why: str | None = None
-        self._report = {"frames": 0, "encoded": 0, "errors": {}, "latency_ms": []}
+        self._report = {"frames": 0, "encoded": 0, "errors": {}, "frames_detail": []}
         self._t_report = time.monotonic()
         self.update(grant)
 
@@ -296,8 +296,8 @@ class Lane:
             r["frames"] += 1
             if f.request[0] != "tensor":
                 r["encoded"] += 1
-            if len(r["latency_ms"]) < MAX_REPORT_SAMPLES:
-                r["latency_ms"].append(round(latency, 3))
+            if len(r["frames_detail"]) < MAX_REPORT_SAMPLES:  # for the service's trace and stage histograms
+                r["frames_detail"].append((f.t_submit, d.worker, d.t_recv, d.t_start, d.t_end, now))
         return book.answer(f.token, rep)
 
     def report(self, now: float, force: bool = False) -> None:
@@ -307,4 +307,4 @@ class Lane:
             return
         self._t_report = now
         self.front.send(cp.encode({"type": "lane_report", **r}))
-        self._report = {"frames": 0, "encoded": 0, "errors": {}, "latency_ms": []}
+        self._report = {"frames": 0, "encoded": 0, "errors": {}, "frames_detail": []}

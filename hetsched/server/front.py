@@ -19,6 +19,7 @@ import numpy as np
 import zmq
 
 from hetsched.wire import client_protocol as cp
+from hetsched.runtime.ledger import Hop
 from hetsched.runtime.pipeline import FrameResult, Pipeline
 from hetsched.errors import ConfigError, ProtocolError
 from hetsched.model.pixels import check_pixels, payload_size
@@ -75,6 +76,14 @@ class _Job:
     data: Any
     want_outputs: bool
     t_accepted: float
+
+
+def _frame_detail_ok(d: Any) -> bool:
+    """One lane frame of a client's report: (t_submit, worker, t_recv, t_start, t_end, t_done), times
+    in this host's monotonic seconds, in order (anything else is dropped, not trusted)."""
+    if not (isinstance(d, list) and len(d) == 6 and all(isinstance(x, (int, float)) for x in d)):
+        return False
+    return type(d[1]) is int and 0 <= d[1] < 1 << 16 and d[0] <= d[2] <= d[3] <= d[4] <= d[5] < d[0] + 3600
 
 
 def check_limits(limits: ServerLimits, image_limits: ImageLimits, model_input: Any) -> None:
@@ -163,6 +172,7 @@ class Server:
         self._loop_window_max = 0.0
         self._in_expected = (pipeline.graph.inputs[0].dtype, pipeline.graph.inputs[0].shape)
         self._out_names = [t.name for t in pipeline.graph.outputs]
+        self._lane_traces = 0
         self._lanes = hasattr(pipeline, "lane_version")
         self._lane_version = pipeline.lane_version if self._lanes else None
 
@@ -436,8 +446,8 @@ class Server:
         def count(v: Any) -> int:
             return v if type(v) is int and 0 <= v <= 1_000_000 else 0
         frames, encoded = count(msg.get("frames")), count(msg.get("encoded"))
-        lat = msg.get("latency_ms")
-        lat = [x for x in lat[:4096] if isinstance(x, (int, float)) and 0 <= x < 1e7] if isinstance(lat, list) else []
+        detail = msg.get("frames_detail")
+        detail = [d for d in detail[:4096] if _frame_detail_ok(d)] if isinstance(detail, list) else []
         errors = msg.get("errors") if isinstance(msg.get("errors"), dict) else {}
         n_err = 0
         for code, n in list(errors.items())[:64]:
@@ -447,10 +457,12 @@ class Server:
                 self.counters.on_error(str(code)[:32])
         self.counters.accepted += frames + n_err
         client.frames += frames + n_err
-        t = time.monotonic()
-        for x in lat[:frames]:
-            self.counters.on_result(x / 1e3, (), t)
-        self.counters.completed += max(0, frames - len(lat))
+        for t_submit, worker, t_recv, t_start, t_end, t_done in detail[:frames]:
+            hops = [Hop(0, int(worker), t_recv, t_start, t_end)]
+            self.counters.on_result(t_done - t_submit, hops, t_submit)
+            self._lane_traces -= 1  # lane frames get ids of their own in the trace (negative)
+            self.traces.append((self._lane_traces, t_submit, hops, t_done))
+        self.counters.completed += max(0, frames - len(detail))
         if self._note_submit is not None:
             for i in range(min(frames + n_err, 100000)):
                 self._note_submit(i < encoded)

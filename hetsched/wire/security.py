@@ -270,7 +270,11 @@ class _HandshakeMonitor:
             endpoint = ev.get("endpoint", b"").decode("utf-8", "replace")
             if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 continue  # the ZAP handler already logged it, with the peer's address and key
-            reason, detail = _PROTOCOL_DETAIL.get(value, ("handshake", f"handshake failed (code {value:#x})"))
+            if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and 0 < value < 4096:  # the value is an errno
+                reason, detail = "handshake", (f"handshake failed ({os.strerror(value)}: the peer closed or broke "
+                                               "the connection during the handshake)")
+            else:
+                reason, detail = _PROTOCOL_DETAIL.get(value, ("handshake", f"handshake failed (code {value:#x})"))
             self.rejections.note(reason, f"on {self.what} {endpoint}", detail)
 
     def close(self) -> None:
