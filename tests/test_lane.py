@@ -296,3 +296,26 @@ def test_the_lane_is_refused_on_tcp_and_a_gone_client_releases_its_region(squeez
         # region is unmapped at once instead of staying mapped until the service stops
         svc.pipe.lane_version += 1
         wait_for(lambda: attached_count() == before, timeout=10, what="the gone client's region to be released")
+
+
+@pytest.mark.timeout(120)
+def test_hetsched_feed_sends_images_on_the_lane(squeezenet, tmp_path):
+    """The user's path: `hetsched feed --images` on an ipc:// service with a one-stage plan sends every
+    JPEG straight to a worker; the results come back in order and the service counts them."""
+    import json
+    import subprocess
+    import sys
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        (imgs / f"p{i}.jpg").write_bytes(image_bytes("JPEG", seed=40 + i))
+    with running_service(squeezenet, tmp_path, stages=POOL) as svc:
+        out = subprocess.run([sys.executable, "-m", "hetsched", "feed", "--connect", svc.endpoint, "--images",
+                              str(imgs), "--loop", "--count", "12", "--json"],
+                             capture_output=True, text=True, timeout=90)
+        assert out.returncode == 0, out.stderr
+        lines = [json.loads(x) for x in out.stdout.splitlines() if x.strip()]
+        results = [x for x in lines if x["type"] == "result"]
+        assert [r["seq"] for r in results] == list(range(12))
+        assert svc.pipe.completed == 0, "no image went through the coordinator"
+        wait_for(lambda: svc.server.counters.completed == 12, timeout=10, what="the lane report")

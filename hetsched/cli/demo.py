@@ -70,6 +70,7 @@ def _demo_feeder(endpoint: str, n_frames: int, window: int, core_rates, overhead
         frames = demo_frames()
         replies: list[dict] = []
         with Client(endpoint, timeout=60) as c:
+            c.enable_shm(window + 2)  # as `hetsched feed` does on ipc://: the direct lane when the plan has one stage
             quiet_garbage_collector()
             # the demo's frames are JPEG photos: its limit counts decode + preprocess + model per core
             run, _ = record_run(c, iter(frames * (n_frames // len(frames) + 1)), count=n_frames, window=window,

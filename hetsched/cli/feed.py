@@ -55,7 +55,9 @@ def cmd_feed(args: argparse.Namespace) -> int:
         else:
             raise HetschedError("give --images DIR, --files F.., --video F|DEVICE or --synthetic")
         slot_bytes = payload_size(video.encoding, video.width, video.height) if args.video else None
-        if (args.synthetic or args.video) and args.shm and not client.enable_shm(args.window + 2, slot_bytes):
+        # shared memory (and with it the direct lane to the workers) for every kind of frame: images go
+        # straight to a worker in their message, tensors and video frames through the slots
+        if args.shm and not client.enable_shm(args.window + 2, slot_bytes) and (args.synthetic or args.video):
             eprint("note: the service does not offer shared-memory input here (ipc:// only); sending frames over "
                    "the socket")
         tty = sys.stderr.isatty()
@@ -122,9 +124,10 @@ def add_parser(sub, common) -> None:
     sp.add_argument("--stream", default="feed", help="stream name")
     sp.add_argument("--json", action="store_true", help="one JSON line per result, then a summary line")
     sp.add_argument("--no-shm", dest="shm", action="store_false",
-                    help="send raw tensors and video frames over the socket even when the service offers "
-                         "shared-memory input (by default a client on the same host as an ipc:// service writes "
-                         "them to /dev/shm and only a header crosses the socket)")
+                    help="send everything through the service's socket even when it offers shared-memory input "
+                         "and the direct lane (by default a client on the same host as an ipc:// service writes "
+                         "tensors and video frames to /dev/shm, and sends every frame, images too, straight to "
+                         "a worker when the plan has one stage)")
     sp.add_argument("--show", action="store_true", help="print each result's top-1")
     sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a reply")
     from hetsched.cli.keys import add_client_key_arguments
