@@ -480,7 +480,10 @@ def test_only_authorized_clients_are_served_over_tcp_with_curve(squeezenet, keys
     msgs = [r.getMessage() for r in caplog.records if r.name.startswith("hetsched.wire.security")]
     assert any("127.0.0.1" in m and zmq.auth.load_certificate(mallory["secret"])[0].decode() in m
                and "not authorized" in m for m in msgs), msgs
-    assert any("does not speak CURVE" in m for m in msgs), msgs
+    # a peer without CURVE: the server names the mismatch, unless the peer saw it first and hung up (a
+    # race inside libzmq: the server then only sees the connection break during the handshake)
+    assert any("does not speak CURVE" in m or "closed or broke the connection during the handshake" in m
+               for m in msgs), msgs
     assert any("wrong server public key" in m for m in msgs), msgs
     assert len(msgs) < 20, "a retrying rogue must not flood the log"
 
