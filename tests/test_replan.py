@@ -168,9 +168,11 @@ def test_a_slowed_core_makes_a_pipeline_replan_without_losing_a_frame_and_the_pl
                           interval=0.5, what="a re-plan after the slowdown")
         t_switch = time.monotonic() - t_slow
         entry = next(e for e in slowed["history"] if e.get("switch"))
-        # the re-plan is made from the measured speeds, the slowed core's among them (the first reason
-        # may name core 0's cluster: the coordinator and the client move there when core 1 slows)
-        assert entry["reasons"] and entry["speeds"]["b"] < 0.6 and entry["new_plan"] != entry["old_plan"], entry
+        # the re-plan is made from the measured speeds: for the slowed core's drift, or with its measured
+        # slowdown when the first reason names core 0's cluster (the coordinator and the client move
+        # there when core 1 slows)
+        assert (any("cluster b runs at" in r for r in entry["reasons"]) or entry["speeds"]["b"] < 0.6) \
+            and entry["new_plan"] != entry["old_plan"], entry
         assert entry["predicted_gain"] > 0.1 and entry["start_s"] < 30
         time.sleep(4)
         after = stream.rate(3)
