@@ -319,3 +319,21 @@ def test_hetsched_feed_sends_images_on_the_lane(squeezenet, tmp_path):
         assert [r["seq"] for r in results] == list(range(12))
         assert svc.pipe.completed == 0, "no image went through the coordinator"
         wait_for(lambda: svc.server.counters.completed == 12, timeout=10, what="the lane report")
+
+
+@pytest.mark.timeout(120)
+def test_a_stopping_service_answers_every_lane_frame_once(squeezenet, tmp_path):
+    """Stop while lane frames are in flight: those the workers hold are answered by them, the ones the
+    client still holds are refused SHUTTING_DOWN by the service; none is left without an answer."""
+    model, g = squeezenet
+    x = tensor(g, seed=5)
+    with running_service(squeezenet, tmp_path, stages=POOL, drain_timeout=5.0) as svc:
+        with svc.client(timeout=10) as c:
+            assert c.enable_shm(slots=12) and c.lane_status()["direct"]
+            for i in range(10):
+                c.submit(x, stream="s")
+            svc.stop.set()                     # the serve loop drains and returns
+            got = [c.recv(10) for _ in range(10)]
+    assert all(r is not None for r in got), "a frame was left without an answer"
+    assert [r["seq"] for r in got] == list(range(10))
+    assert {r["type"] if r["type"] == "result" else r["code"] for r in got} <= {"result", "SHUTTING_DOWN"}

@@ -139,6 +139,8 @@ def feed(client, frames: Iterator[tuple], *, fps: float | None, duration: float 
                     stats.busy += 1
                 else:
                     stats.errors += 1
+                if code == "SHUTTING_DOWN":  # the service is stopping: send nothing more, collect what is owed
+                    exhausted = True
             if on_result:
                 on_result(name, rep)
         elif names and time.monotonic() - last_reply > reply_timeout:

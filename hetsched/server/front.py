@@ -221,9 +221,15 @@ class Server:
     def drain(self, poller: zmq.Poller, timeout: float) -> None:
         """Stop accepting; finish accepted frames within ``timeout``; error the rest; flush replies."""
         self.accepting = False
-        self._announce_lane()  # lane clients send what they still wait for here: it is answered below
+        # lane clients: frames they still hold go to the service from now on (refused SHUTTING_DOWN);
+        # frames the workers hold are answered by them: keep serving (the workers run) while they finish
+        self._announce_lane()
         deadline = time.monotonic() + timeout
-        while (self.pending or self.jobs) and time.monotonic() < deadline:
+        lane_until = time.monotonic()
+        if any(c.lane_region is not None for c in self.clients.values()):
+            slowest = max((getattr(w, "predicted_ms", 0.0) for w in getattr(self.pipe, "workers", ())), default=0.0)
+            lane_until = min(deadline, time.monotonic() + max(0.5, 4 * slowest / 1e3))
+        while (self.pending or self.jobs or time.monotonic() < lane_until) and time.monotonic() < deadline:
             self.step(poller, 20)
         for job in list(self.pending) + list(self.jobs.values()):
             self._finish(job, cp.error_message("TIMEOUT", "not finished before the service stopped",
