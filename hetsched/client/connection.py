@@ -211,7 +211,7 @@ class Client:
         if self._lane is not None:
             self._lane.close()
         self._lane = Lane(rep, self._ctx, self.sock, self._region.slot_bytes)
-        self._lane.pump(self._send_front)
+        self._lane.pump(self._send_book_frame)
         return self._lane.direct
 
     def lane_status(self) -> dict | None:
@@ -240,46 +240,24 @@ class Client:
         """
         if seq is None:
             seq = next(self._seqs.setdefault(stream, itertools.count()))
-        head: dict = {"type": "submit", "stream": stream, "seq": seq}
-        if want_outputs:
-            head["outputs"] = True
-        if self._lane is not None:
-            return self._submit_lane(data, stream, seq, encoding, want_outputs, width, height, color)
-        if encoding in PIXEL_ENCODINGS:
-            pix, fields = _pixel_payload(data, encoding, width, height, color)
-            if self._free_slots and pix.nbytes <= self._region.slot_bytes:
-                return self._submit_shm(head, stream, seq, pix, {"pixels": encoding, **fields})
-            head.update(encoding=encoding, **fields)
-            self.sock.send_multipart([cp.encode(head), pix], copy=False)
+        request = self._request_for(data, encoding, width, height, color)
+        if request[1] is not None:
+            self._slot_of[(stream, seq)] = request[1]
+        if self._lane is None:
+            self._send_front(stream, seq, request, want_outputs)
             return seq
-        if width is not None or height is not None or color is not None:
-            raise ValueError("width, height and color go with a pixel encoding "
-                             f"({', '.join(PIXEL_ENCODINGS)}), not encoding {encoding!r}")
-        if isinstance(data, np.ndarray) and self._free_slots and data.nbytes <= self._region.slot_bytes:
-            return self._submit_shm(head, stream, seq, data, {"dtype": data.dtype.name, "shape": list(data.shape)})
-        if isinstance(data, np.ndarray):
-            arr = np.ascontiguousarray(data)
-            head.update(encoding="raw", dtype=arr.dtype.name, shape=list(arr.shape))
-            payload: Any = arr
-        else:
-            head["encoding"] = encoding or "image"
-            payload = data
-        self.sock.send_multipart([cp.encode(head), payload], copy=False)
+        # on the lane every frame goes into its book (so replies keep per-stream order whichever way
+        # each frame went): region frames and encoded images to the workers, the rest through the service
+        lane = self._lane
+        f = lane.book.add(stream, seq, request, want_outputs, time.monotonic())
+        if request[0] != "encoded" and request[1] is None:  # no slot: it can only go through the service
+            lane.book.queued.remove(f.token)
+            lane.book.on_sent(f.token, None, None)
+            self._send_front(stream, seq, request, want_outputs)
+        lane.pump(self._send_book_frame)
         return seq
 
-    def _submit_shm(self, head: dict, stream: str, seq: int, data: np.ndarray, fields: dict) -> int:
-        slot = self._free_slots.pop()
-        key = (slot, data.dtype.name, data.shape)
-        view = self._slot_views.get(key)
-        if view is None:  # our own region: map each slot's view once
-            view = self._slot_views[key] = self._region.view(slot, data.dtype.name, data.shape)
-        np.copyto(view, data)
-        self._slot_of[(stream, seq)] = slot
-        head.update(encoding="shm", shm=self._shm_id, slot=slot, **fields)
-        self.sock.send(cp.encode(head))
-        return seq
-
-    # ------------------------------------------------------------------ the direct lane
+    # ------------------------------------------------------------------ frames
     def _slot_for(self, arr: np.ndarray) -> int | None:
         """A free slot holding a copy of ``arr`` (None: none free, or it does not fit)."""
         if not self._free_slots or arr.nbytes > self._region.slot_bytes:
@@ -299,39 +277,27 @@ class Client:
             fields = self._fields[key] = {"dtype": arr.dtype.name, "shape": list(arr.shape)}
         return fields
 
-    def _submit_lane(self, data: Any, stream: str, seq: int, encoding: str | None, want_outputs: bool,
-                     width: int | None, height: int | None, color: str | None) -> int:
-        """Every frame goes into the lane's book (so replies keep per-stream order whichever way each
-        frame went): region frames and encoded images to the workers, the rest through the service."""
+    def _request_for(self, data: Any, encoding: str | None, width: int | None, height: int | None,
+                     color: str | None) -> tuple:
+        """(kind, slot, header fields, payload) of a frame: tensors and pixel frames that fit a free
+        slot are copied into it (payload None), the rest travel in the message."""
         if encoding in PIXEL_ENCODINGS:
             pix, fields = _pixel_payload(data, encoding, width, height, color)
             slot = self._slot_for(pix)
-            request = ("pixels", slot, {"pixels": encoding, **fields}, None if slot is not None else pix)
-        elif width is not None or height is not None or color is not None:
+            return "pixels", slot, {"pixels": encoding, **fields}, None if slot is not None else pix
+        if width is not None or height is not None or color is not None:
             raise ValueError("width, height and color go with a pixel encoding "
                              f"({', '.join(PIXEL_ENCODINGS)}), not encoding {encoding!r}")
-        elif isinstance(data, np.ndarray):
+        if isinstance(data, np.ndarray):
             slot = self._slot_for(data)
-            request = ("tensor", slot, self._tensor_fields(data),
-                       None if slot is not None else np.ascontiguousarray(data))
-        else:
-            request = ("encoded", None, {"encoding": encoding or "image"}, data)
-        if request[1] is not None:
-            self._slot_of[(stream, seq)] = request[1]
-        lane = self._lane
-        f = lane.book.add(stream, seq, request, want_outputs, time.monotonic())
-        if request[0] != "encoded" and request[1] is None:  # no slot: it can only go through the service
-            lane.book.queued.remove(f.token)
-            lane.book.on_sent(f.token, None, None)
-            self._send_front(f)
-        lane.pump(self._send_front)
-        return seq
+            return "tensor", slot, self._tensor_fields(data), None if slot is not None else np.ascontiguousarray(data)
+        return "encoded", None, {"encoding": encoding or "image"}, data
 
-    def _send_front(self, f: Any) -> None:
-        """A lane-book frame through the service (no lane now, or no slot for it)."""
-        kind, slot, fields, payload = f.request
-        head: dict = {"type": "submit", "stream": f.stream, "seq": f.seq}
-        if f.want_outputs:
+    def _send_front(self, stream: str, seq: int, request: tuple, want_outputs: bool) -> None:
+        """A frame through the service's socket (docs/protocol.md ``submit``)."""
+        kind, slot, fields, payload = request
+        head: dict = {"type": "submit", "stream": stream, "seq": seq}
+        if want_outputs:
             head["outputs"] = True
         if slot is not None:
             head.update(encoding="shm", shm=self._shm_id, slot=slot, **fields)
@@ -344,6 +310,10 @@ class Client:
         else:
             head.update(encoding=fields["encoding"])
         self.sock.send_multipart([cp.encode(head), payload], copy=False)
+
+    def _send_book_frame(self, f: Any) -> None:
+        """A lane-book frame through the service (no lane now)."""
+        self._send_front(f.stream, f.seq, f.request, f.want_outputs)
 
     def _recv_lane(self, timeout: float) -> dict | None:
         lane = self._lane
@@ -367,7 +337,7 @@ class Client:
                         self._ready += lane.book.answer(token, msg)
                 elif sock in lane.sock_key:
                     self._ready += lane.on_worker_reply(sock)
-            lane.pump(self._send_front)
+            lane.pump(self._send_book_frame)
             lane.report(time.monotonic())
             if not events and time.monotonic() >= deadline:
                 return None

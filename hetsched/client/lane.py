@@ -278,13 +278,7 @@ class Lane:
             errs = self._report["errors"]
             errs[d.code] = errs.get(d.code, 0) + 1
         else:
-            top, labels, t = [], self.labels, d.top
-            for i in range(0, len(t), 2):
-                item = {"index": t[i], "score": t[i + 1]}
-                if labels is not None and t[i] < len(labels):
-                    item["label"] = labels[t[i]]
-                top.append(item)
-            rep = {"type": "result", "stream": f.stream, "seq": f.seq, "top_k": top,
+            rep = {"type": "result", "stream": f.stream, "seq": f.seq, "top_k": cp.top_items(d.top, self.labels),
                    "latency_ms": round(latency, 3), "lane": True,
                    "stages": [{"stage": 0, "worker": d.worker, "queue_ms": round((d.t_recv - f.t_submit) * 1e3, 3),
                                "compute_ms": round((d.t_end - d.t_start) * 1e3, 3)}]}

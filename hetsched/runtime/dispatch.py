@@ -60,8 +60,9 @@ class Dispatcher:
         rather than sent to one that would finish it later than a busy worker would; so at light load
         a frame is never committed behind another on a guess (it waits until the worker that should
         take it is free). Once more frames wait, every free credit is used, on the earliest finish
-        among them: at saturation every worker keeps a frame in reserve and never waits. Without ``backlog``: every credit is used at once (the earliest finish among workers
-        with a free credit)."""
+        among them: at saturation every worker keeps a frame in reserve and never waits. Without
+        ``backlog``: every credit is used at once (the earliest finish among workers with a free
+        credit)."""
         ws = self._by_stage.get(stage, ())
         late = backlog is not None
         light = late and backlog <= len(ws)
@@ -93,9 +94,16 @@ class Dispatcher:
             return
         w.outstanding = max(0, w.outstanding - 1)
         w.frames += 1
-        if service_s is not None and service_s > 0:
-            w.service_s += EWMA_WEIGHT * (service_s - w.service_s)
+        if service_s is not None:
+            self.observe(wid, service_s)
         w.busy_until = now + w.outstanding * w.service_s
+
+    def observe(self, wid: int, service_s: float) -> None:
+        """A measured time per frame of ``wid`` (into its moving average), also for frames it was not
+        dispatched by this dispatcher (the direct lane's, learnt from the worker's heartbeat)."""
+        w = self.workers.get(wid)
+        if w is not None and service_s > 0:
+            w.service_s += EWMA_WEIGHT * (service_s - w.service_s)
 
     def stage_workers(self, stage: int) -> list[WorkerSlot]:
         return list(self._by_stage.get(stage, ()))

@@ -67,10 +67,16 @@ class DriftDetector:
         c.speed = c.basis * c.predicted / c.measured
         c.samples += 1
 
-    def on_submit(self, encoded: bool) -> None:
+    def on_submit(self, encoded: bool, n: int = 1) -> None:
+        """``n`` frames of one kind (the moving average in closed form: as ``n`` single calls)."""
+        if n <= 0:
+            return
         x = 1.0 if encoded else 0.0
-        self.encoded_share = x if self.mix_samples == 0 else self.encoded_share + self.weight * (x - self.encoded_share)
-        self.mix_samples += 1
+        rest = n - 1 if self.mix_samples == 0 else n  # the very first frame sets the share
+        if rest < n:
+            self.encoded_share = x
+        self.encoded_share += (1.0 - (1.0 - self.weight) ** rest) * (x - self.encoded_share)
+        self.mix_samples += n
 
     def drifted(self, now: float) -> list[str]:
         """Reasons the plan no longer fits (empty when it fits)."""

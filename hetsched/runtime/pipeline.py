@@ -38,7 +38,7 @@ from hetsched.errors import HetschedError, ProtocolError, ShapeMismatch, WorkerD
 from hetsched.host.process import describe_exit, keep_large_buffers, reap_processes
 from hetsched.model.graph import ModelGraph, passthrough_names
 from hetsched.planning.plan import Plan
-from hetsched.runtime.dispatch import EWMA_WEIGHT, Dispatcher
+from hetsched.runtime.dispatch import Dispatcher
 from hetsched.runtime.ledger import FrameRec, Hop, Ledger
 from hetsched.runtime.spec import TopkSpec, WorkerSpec
 from hetsched.runtime.supervisor import Supervisor
@@ -555,7 +555,7 @@ class Pipeline:
         workers = []
         for w in self.workers:
             slot = self.dispatcher.workers.get(w.wid)
-            workers.append({"worker": w.wid, "endpoint": getattr(w, "direct_endpoint", None),
+            workers.append({"worker": w.wid, "endpoint": w.direct_endpoint,
                             "accepting": bool(slot and slot.accepting and w.running),
                             "service_ms": round((slot.service_s if slot else w.predicted_ms / 1e3) * 1e3, 3),
                             "cluster": w.cluster})
@@ -575,10 +575,8 @@ class Pipeline:
         self.direct_completed += new
         if self.on_direct_done is not None:
             self.on_direct_done(new)
-        slot = self.dispatcher.workers.get(w.wid)
         for s in msg.get("direct_samples", ()):
-            if slot is not None and s > 0:  # the time per frame stats and a new lane client start from
-                slot.service_s += EWMA_WEIGHT * (s - slot.service_s)
+            self.dispatcher.observe(w.wid, s)  # the time per frame stats and a new lane client start from
             if self.observer is not None:
                 self.observer(w.cluster, s * 1e3, w.layers_ms)
 

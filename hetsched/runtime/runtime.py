@@ -138,8 +138,8 @@ class Runtime:
         for p in self._live():
             p.remove_region(rid)
 
-    def note_submit(self, encoded: bool) -> None:
-        self.detector.on_submit(encoded)
+    def note_submit(self, encoded: bool, n: int = 1) -> None:
+        self.detector.on_submit(encoded, n)
 
     def _note_direct(self, n: int) -> None:
         now = time.monotonic()

@@ -395,17 +395,9 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
             size = n if w.kind == sp.KIND_REGION else len(parts[1].buffer)
             check_pixels(w.pixels, size, w.width, w.height, w.color, limits)
 
-    def direct_send(msg: list) -> None:
-        try:
-            direct.send_multipart(msg, NOBLOCK, copy=True)
-        except zmq.Again:  # a client that does not read its replies loses them, not the others theirs
-            pass
-        except zmq.ZMQError:  # gone
-            pass
-
-    def drain(sock, reply) -> bool:
-        """Serve every frame waiting on ``sock``; ``reply`` None: the coordinator's link (done messages
-        to it), else a direct lane (the answer goes back to the client that sent the frame)."""
+    def drain(sock, lane: bool) -> bool:
+        """Serve every frame waiting on ``sock``: the coordinator's link (done messages go to it), or
+        the direct lane (``lane``: the answer goes back to the client that sent the frame)."""
         nonlocal frames_done, errors, wait_s, compute_s, send_s, input_s, cpu_s, t_idle_from, t_last_stats
         nonlocal direct_frames
         while True:
@@ -416,7 +408,7 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
             t_recv = monotonic()
             c0 = cpu_clock()
             ident = None
-            if reply is not None:
+            if lane:
                 if len(parts) < 2:
                     errors += 1
                     continue
@@ -426,16 +418,16 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
             except ProtocolError:
                 errors += 1
                 continue
-            slot = w.slot if reply is None else runner.direct_slot
+            slot = runner.direct_slot if lane else w.slot
             try:
-                if reply is not None:
+                if lane:
                     direct_check(w, parts)
                 outs, t_start = compute(w, parts, slot, t_recv)
                 t_end = monotonic()
                 cpu_s += cpu_clock() - c0
                 top = runner.top(0 if tcp else slot, outs) if topk is not None else None
                 head = sp.pack_done(stage, wid, w.frame_id, w.attempt, w.slot, t_recv, t_start, t_end, top)
-                if tcp or (reply is not None and w.flags & sp.FLAG_WANT_OUTPUTS):
+                if tcp or (lane and w.flags & sp.FLAG_WANT_OUTPUTS):
                     msg = [head, *(np.ascontiguousarray(a) for a in outs)]
                 else:
                     msg = [head]
@@ -446,8 +438,11 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
                 msg = [sp.pack_failed(stage, wid, w.frame_id, w.attempt, w.slot, code, t_recv, monotonic()),
                        text.encode("utf-8", "replace")]
                 t_start = t_end = monotonic()
-            if reply is not None:
-                reply([ident, *msg])
+            if lane:
+                try:
+                    direct.send_multipart([ident, *msg], NOBLOCK)
+                except zmq.ZMQError:  # a client gone, or not reading its answers: it loses them, not others
+                    pass
                 direct_frames += 1
                 direct_samples.append(t_end - t_start)
             else:
@@ -492,9 +487,9 @@ def serve(spec: WorkerSpec, runner: StageRunner, inp, out, ctl, stop: dict, earl
             continue
         if ctl in events and not on_control(sp.parse_control(ctl.recv())):
             break
-        if not drain(inp, None):
+        if not drain(inp, False):
             break
-        if direct is not None and not drain(direct, direct_send):
+        if direct is not None and not drain(direct, True):
             break
         now = monotonic()
         if now - t_last_stats >= interval:

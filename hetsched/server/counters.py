@@ -46,9 +46,9 @@ class ServiceCounters:
             self.stage_wait[h.stage].observe(max(0.0, h.t_start - prev))
             prev = h.t_end
 
-    def on_error(self, code: str) -> None:
-        self.errors += 1
-        self.failed_by_code[code] = self.failed_by_code.get(code, 0) + 1
+    def on_error(self, code: str, n: int = 1) -> None:
+        self.errors += n
+        self.failed_by_code[code] = self.failed_by_code.get(code, 0) + n
 
     def as_dict(self) -> dict:
         """The flat counters of the ``stats`` reply."""

@@ -459,8 +459,8 @@ class Server:
         for code, n in list(errors.items())[:64]:
             n = count(n)
             n_err += n
-            for _ in range(min(n, 10000)):
-                self.counters.on_error(str(code)[:32])
+            if n:
+                self.counters.on_error(str(code)[:32], n)
         self.counters.accepted += frames + n_err
         client.frames += frames + n_err
         for t_submit, worker, t_recv, t_start, t_end, t_done in detail[:frames]:
@@ -470,8 +470,9 @@ class Server:
             self.traces.append((self._lane_traces, t_submit, hops, t_done))
         self.counters.completed += max(0, frames - len(detail))
         if self._note_submit is not None:
-            for i in range(min(frames + n_err, 100000)):
-                self._note_submit(i < encoded)
+            encoded = min(encoded, frames + n_err)
+            self._note_submit(True, encoded)
+            self._note_submit(False, frames + n_err - encoded)
 
     def _close_region(self, region: Any) -> None:
         self.pipe.remove_region(getattr(region, "global_id", -1))
@@ -504,14 +505,7 @@ class Server:
                          res.code or "STAGE_FAILED")
             return
         self.traces.append((res.frame_id, res.t_submit, res.hops, res.t_done))
-        top = []
-        if res.top:
-            labels, t = self.labels, res.top
-            for i, score in zip(t[0::2], t[1::2]):
-                item = {"index": i, "score": score}
-                if labels is not None:
-                    item["label"] = labels[i]
-                top.append(item)
+        top = cp.top_items(res.top, self.labels) if res.top else []
         stages, prev = [], res.t_submit
         for h in res.hops:
             stages.append({"stage": h.stage, "worker": h.worker, "queue_ms": round((h.t_recv - prev) * 1e3, 3),

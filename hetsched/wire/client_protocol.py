@@ -206,6 +206,17 @@ def raw_tensor(sub: Submit, payload: Any, expected: tuple[str, tuple[int, ...]],
     return np.frombuffer(buf, dtype=sub.dtype).reshape(sub.shape)
 
 
+def top_items(top: Sequence, labels: Sequence[str] | None) -> list[dict]:
+    """A result's ``top_k`` from a stage's flat (index, score, index, score, ...) top-k."""
+    out = []
+    for i, score in zip(top[0::2], top[1::2]):
+        item = {"index": i, "score": score}
+        if labels is not None and i < len(labels):
+            item["label"] = labels[i]
+        out.append(item)
+    return out
+
+
 def result_message(stream: str, seq: int, top: Sequence[dict], latency_ms: float, stages: Sequence[dict],
                    outputs: Sequence[np.ndarray] | None, output_names: Sequence[str]) -> list:
     head = {"type": "result", "stream": stream, "seq": seq, "top_k": list(top), "latency_ms": round(latency_ms, 3),
