@@ -5,7 +5,7 @@ by hetsched.observe.metrics; render the table and a Chrome trace (Perfetto / chr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 from hetsched.observe import metrics
@@ -57,7 +57,12 @@ def stage_figures(before: dict, after: dict, wall_s: float,
     the compute prediction error, all by hetsched.observe.metrics."""
     out = []
     b_all, a_all = read_snapshot(before), read_snapshot(after)
-    for b, a in zip(b_all.stages, a_all.stages):
+    # a re-plan inside the window: the new plan's workers count from their start, so the window's
+    # figures are those of the plan running at its end, since it started
+    switched = before.get("plan") != after.get("plan")
+    for b, a in zip(b_all.stages if not switched else [None] * len(a_all.stages), a_all.stages):
+        if b is None:
+            b = replace(a, frames=0, compute_s=0.0, wait_s=0.0, send_s=0.0)
         frames = a.frames - b.frames
         compute_s = a.compute_s - b.compute_s
         new = max(0, min(frames, len(a.samples_ms)))
