@@ -196,3 +196,38 @@ def test_wrapper_script_is_the_subcommand():
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--help"], capture_output=True,
                          text=True, timeout=60, cwd=REPO)
     assert out.returncode == 0 and "--scenarios" in out.stdout and "--traffic" in out.stdout
+
+
+def _spin_code(seconds: float) -> str:
+    return f"import time\nt = time.monotonic()\nwhile time.monotonic() - t < {seconds}: pass\n"
+
+
+@pytest.mark.timeout(60)
+def test_foreign_load_counts_processes_that_are_not_ours_and_not_our_children():
+    """The 'disturbed' flag of a bench slot: a spinner that is not our descendant is counted, our own
+    child spinning is not (the emulation's co-runner is our child: /proc/stat's per-CPU ticks, the
+    old way, reported ~45 % of a core as foreign whenever it ran beside an otherwise idle core)."""
+    from hetsched.bench.measuring import ForeignLoad
+    ours = subprocess.Popen([sys.executable, "-c", _spin_code(4)])
+    # a stranger: started through a shell that exits at once, so it belongs to init, not to us
+    out = subprocess.run(f"{sys.executable} -c '{_spin_code(4)}' >/dev/null 2>&1 & echo $!", shell=True,
+                         capture_output=True, text=True, timeout=10)
+    stranger = int(out.stdout.strip())
+    try:
+        time.sleep(0.3)
+        load = ForeignLoad()
+        load.begin()
+        time.sleep(1.5)
+        pct = load.end()
+        # two spinners on two cores; the stranger alone is foreign (sharing a core, at least ~40 %)
+        assert 35.0 <= pct <= 110.0, pct
+    finally:
+        ours.kill()
+        ours.wait(10)
+        try:
+            os.kill(stranger, 9)
+        except ProcessLookupError:
+            pass
+    load.begin()
+    time.sleep(0.5)
+    assert load.end() < 30.0, load.slots
