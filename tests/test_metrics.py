@@ -197,3 +197,18 @@ def test_every_report_gives_the_same_figures_from_the_same_run():
     assert big["predicted_compute_ms"] == pytest.approx(9.4 - 0.4)
     assert big["prediction_error"] == pytest.approx((big["compute_ms_p50"] - 9.0) / 9.0)
     assert p["balance"] == pytest.approx(metrics.balance([5.5, 4.5]))
+
+
+def test_offered_load_over_rounds_pools_the_frames_and_needs_every_round_sustained():
+    due = [k / 100.0 for k in range(100)]
+    a = ([t + 0.005 for t in due], [5.0] * 99 + [40.0], 0)
+    b = ([t + 0.005 for t in due], [7.0] * 100, 0)
+    both = metrics.offered_load_rounds(100.0, [a, b])
+    assert both["sustained"] and both["runs"] == 2 and both["frames"] == 200
+    assert both["p50_ms"] == metrics.percentile([5.0] * 99 + [40.0] + [7.0] * 100, 50)
+    assert both["p99_ms"] == metrics.percentile([5.0] * 99 + [40.0] + [7.0] * 100, 99)
+    slow = ([0.0125 * k for k in range(100)], [10.0 + k for k in range(100)], 0)
+    worse = metrics.offered_load_rounds(100.0, [a, slow])
+    assert worse["overloaded"] and worse["p99_ms"] is None
+    assert worse["achieved_fps"] == metrics.offered_load(100.0, *slow[:2])["achieved_fps"]
+    assert metrics.offered_load_rounds(100.0, [a, (b[0], b[1], 1)])["overloaded"], "a failed frame"

@@ -121,11 +121,13 @@ def limit_figures(per_core: dict[int, list[Slot]]) -> dict:
     return row
 
 
-def offered(slot: Slot, offered_fps: float) -> dict:
-    """One contender at the common offered rate (open loop), by :func:`metrics.offered_load`."""
-    f = metrics.offered_load(offered_fps, slot.done_t, slot.lat_ms, slot.errors)
+def offered(slots: list[Slot], offered_fps: float) -> dict:
+    """One contender at the common offered rate (open loop), over its runs (one per round, or one
+    that overloaded it), by :func:`metrics.offered_load_rounds`."""
+    f = metrics.offered_load_rounds(offered_fps, [(s.done_t, s.lat_ms, s.errors) for s in slots])
+    cpu, frames = sum(s.cpu_s for s in slots), sum(s.frames for s in slots)
     return {**{k: _r(v) if isinstance(v, float) else v for k, v in f.items()},
-            "cpu_ms_per_frame": _r(metrics.per_frame_ms(slot.cpu_s, slot.frames))}
+            "cpu_ms_per_frame": _r(metrics.per_frame_ms(cpu, frames))}
 
 
 def compare(contenders: dict[str, dict]) -> None:

@@ -28,7 +28,7 @@ class BenchOptions:
     images: str | None = None       # JPEG directory (default: ../shared/images beside the checkout, else synthetic)
     rounds: int = 3
     seconds: float = 2.0            # saturated, per contender per round (limit: per core)
-    fixed_seconds: float = 3.0      # open-loop pass, per contender
+    fixed_seconds: float = 3.0      # open-loop pass, per contender per round
     load_fraction: float = 0.6      # offered rate of the open-loop pass, x the limit (the same for everyone)
     warmup_seconds: float = 0.5
     replicas: str = "processes"     # ort-replicas: one process per core, or one thread per core in one process

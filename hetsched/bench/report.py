@@ -239,8 +239,9 @@ def write_markdown(result: dict, path: str) -> None:
          f"{' (virtual machine)' if m['virtualized'] else ''}; kernel {m['kernel']}; Python {m['python']}; "
          f"onnxruntime {m['onnxruntime']}; numpy {m['numpy']}",
          f"- **settings**: traffic {', '.join(s['traffic'])}; {s['rounds']} rounds x {s['seconds']} s saturated per "
-         f"contender (limit: per core), order rotated every round; then {s['fixed_seconds']} s per contender at "
-         f"{s['load_fraction']:.0%} of the limit, open loop; ort-replicas as {s['replicas']}; total "
+         f"contender (limit: per core), order rotated every round; then {s['rounds']} rounds x {s['fixed_seconds']} s per "
+         f"contender at {s['load_fraction']:.0%} of the limit, open loop (percentiles over all rounds' frames; a "
+         f"contender that overloads in a round is not run again); ort-replicas as {s['replicas']}; total "
          f"{result['wall_s']:.0f} s",
          "- **model**: " + ", ".join(sorted({sc["model"] for sc in result["scenarios"]})), "",
          "## Headline", ""] + [f"- {h}" for h in heads] + [

@@ -75,7 +75,7 @@ def add_parser(sub, common) -> None:
                                      "the checkout, else synthetic 640x480 JPEGs)")
     sp.add_argument("--rounds", type=int, help="rounds of alternating contenders (default 3; --quick 1)")
     sp.add_argument("--seconds", type=float, help="saturated seconds per contender per round (default 2)")
-    sp.add_argument("--fixed-seconds", type=float, help="open-loop seconds per contender (default 3)")
+    sp.add_argument("--fixed-seconds", type=float, help="open-loop seconds per contender per round (default 3)")
     sp.add_argument("--load-fraction", type=float, help="offered rate of the open-loop pass, x the limit (default 0.6)")
     sp.add_argument("--replicas", choices=REPLICA_MODES, default="processes",
                     help="ort-replicas as one process per core (default) or one thread per core in one process")
