@@ -179,25 +179,36 @@ def test_measured_speed_replaces_the_prediction():
     assert d.workers[0].service_s == pytest.approx(0.02, rel=0.01)
 
 
-def test_late_binding_keeps_a_frame_for_the_worker_that_finishes_it_first():
-    """With a backlog given: at light load a frame goes to an idle worker only, and waits for a busy
-    big core rather than taking a little one that would finish it later; with more frames waiting
-    than workers, every credit is used."""
+def test_a_busy_big_core_that_finishes_first_takes_the_frame_in_its_second_credit():
+    """Earliest expected finish over free credits: the busy big core's second credit when it finishes
+    sooner than the idle little core (no idle round trip for the big core between two frames), the
+    little core once that is sooner, nothing when every credit is taken."""
     d = Dispatcher()
     d.add(0, 0, 0.005)   # big
     d.add(1, 0, 0.020)   # little (a quarter of the speed)
     for w in (0, 1):
         d.set_accepting(w, True)
     now = 0.0
-    assert d.pick(0, now, backlog=1) == 0
+    assert d.pick(0, now) == 0
     d.on_dispatch(0, now)
-    # big busy until +5 ms: a frame finishes there at +10 ms, on the little core at +20 ms: keep it
-    assert d.pick(0, now, backlog=1) is None
-    assert d.pick(0, now) == 0                        # (early binding: to big's second credit)
-    # three frames waiting for two workers: the second credits are used
-    assert d.pick(0, now, backlog=3) == 0
+    # big busy until +5 ms: a frame finishes there at +10 ms, on the little core at +20 ms
+    assert d.pick(0, now) == 0
     d.on_dispatch(0, now)
-    # saturated, big full: the little core takes it (its share of the rate is needed)
-    assert d.pick(0, now, backlog=3) == 1
+    # big's credits are taken: the little core (its share of the rate is needed)
+    assert d.pick(0, now) == 1
     d.on_dispatch(1, now)
-    assert d.pick(0, now, backlog=2) is None          # light again, no worker idle: kept back
+    assert d.pick(0, now) == 1
+    d.on_dispatch(1, now)
+    assert d.pick(0, now) is None
+    # big answers its first frame: its second finishes at +10 ms, a new one there at +15 ms
+    d.on_done(0, 0.005, 0.005)
+    assert d.pick(0, 0.005) == 0
+    d.on_dispatch(0, 0.005)
+    d.on_done(1, 0.020, 0.020)
+    d.on_done(1, 0.040, 0.020)
+    d.on_done(0, 0.010, 0.005)
+    d.on_done(0, 0.015, 0.005)
+    # later, the big core shows 4x slower (throttled, say): the little core is sooner now
+    for _ in range(60):
+        d.observe(0, 0.030)
+    assert d.pick(0, 0.1) == 1

@@ -231,7 +231,7 @@ class Lane:
                 book.on_sent(token, None, None)
                 send_front(f)
                 continue
-            wid = disp.pick(0, now, len(book.queued))
+            wid = disp.pick(0, now)
             if wid is None:
                 return
             book.queued.popleft()

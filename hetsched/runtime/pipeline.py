@@ -358,7 +358,7 @@ class Pipeline:
         now = time.monotonic()
         for stage in range(len(self.plan.stages) - 1, -1, -1):  # later stages first: finish what is started
             while ledger.waiting[stage]:
-                wid = disp.pick(stage, now, len(ledger.waiting[stage]))
+                wid = disp.pick(stage, now)
                 if wid is None:
                     break
                 rec = ledger.assign(stage, wid)
