@@ -189,12 +189,9 @@ class HetschedContender:
                 seq = client.submit(traffic.payloads[i], stream="fixed", want_outputs=want)
                 due[seq] = (t0 + k / fps, i, want)
                 k += 1
-            # wait for a reply until the next frame is due, without spinning: zmq polls in whole ms,
-            # so the last sub-ms is slept (a spinning client would take CPU from the workers)
+            # wait for a reply until the next frame is due (the client waits to the microsecond, not spinning)
             wait = max(0.0, min(0.05, t0 + k / fps - time.monotonic())) if offering and k < n else 0.05
-            rep = client.recv(int(wait * 1000) / 1000.0) if wait >= 0.001 else client.recv(0)
-            if rep is None and 0 < wait < 0.001:
-                time.sleep(wait)
+            rep = client.recv(wait)
             if rep is not None and rep.get("type") in ("result", "error"):
                 t = last_reply = time.monotonic()
                 d = due.pop(rep.get("seq"), None)
