@@ -60,7 +60,8 @@ def _offered_cell(f: dict | None, unit: str = "") -> str:
         return "-"
     if f.get("overloaded"):
         return f"overloaded ({_fmt(f['achieved_fps'])} fps)"
-    return _pair(f.get("p50_ms"), f.get("p99_ms")) + unit
+    late = f" ({f['overloaded_runs']} of {f['runs']} rounds overloaded)" if f.get("overloaded_runs") else ""
+    return _pair(f.get("p50_ms"), f.get("p99_ms")) + unit + late
 
 
 def table_rows(t: dict) -> list[list[str]]:
@@ -240,8 +241,8 @@ def write_markdown(result: dict, path: str) -> None:
          f"onnxruntime {m['onnxruntime']}; numpy {m['numpy']}",
          f"- **settings**: traffic {', '.join(s['traffic'])}; {s['rounds']} rounds x {s['seconds']} s saturated per "
          f"contender (limit: per core), order rotated every round; then {s['rounds']} rounds x {s['fixed_seconds']} s per "
-         f"contender at {s['load_fraction']:.0%} of the limit, open loop (percentiles over all rounds' frames; a "
-         f"contender that overloads in a round is not run again); ort-replicas as {s['replicas']}; total "
+         f"contender at {s['load_fraction']:.0%} of the limit, open loop (percentiles over the frames of the rounds "
+         f"that sustained the rate, most must; a contender saturating below the rate runs once); ort-replicas as {s['replicas']}; total "
          f"{result['wall_s']:.0f} s",
          "- **model**: " + ", ".join(sorted({sc["model"] for sc in result["scenarios"]})), "",
          "## Headline", ""] + [f"- {h}" for h in heads] + [

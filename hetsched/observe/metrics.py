@@ -207,14 +207,15 @@ def offered_load(offered_fps: float, completion_times: Sequence[float], latencie
 def offered_load_rounds(offered_fps: float, runs: Sequence[tuple[Sequence[float], Sequence[float], int]],
                         tolerance: float = SUSTAIN_TOLERANCE) -> dict:
     """:func:`offered_load` over several open-loop runs of one contender at the same rate, each
-    ``(completion times, latencies ms, errors)``: sustained only when every run sustained it (achieved
-    is the lowest run's), percentiles over all runs' frames together (a p99 needs some thousand
-    frames; runs interleaved with the other contenders' see the same disturbances they do)."""
+    ``(completion times, latencies ms, errors)``, interleaved with the other contenders' runs (so all
+    see the same disturbances). Sustained when most runs sustained the rate; the percentiles are over
+    the frames of the runs that did (a p99 needs some thousand frames; a run that overloaded measured
+    its own length, and is counted in ``overloaded_runs``); achieved is the lowest run's."""
     per = [offered_load(offered_fps, t, lat, err, tolerance) for t, lat, err in runs]
-    worst = min(per, key=lambda f: f["achieved_fps"])
-    lats = [v for _, lat, _ in runs for v in lat]
-    ok = all(f["sustained"] for f in per) and len(lats) >= 2
+    kept = [r for r, f in zip(runs, per) if f["sustained"]]
+    lats = [v for _, lat, _ in kept for v in lat]
+    ok = len(kept) * 2 > len(per) and len(lats) >= 2
     lat = latency_summary(lats) if ok else {"n": len(lats), "p50_ms": None, "p99_ms": None, "mean_ms": None}
-    return {"offered_fps": float(offered_fps), "achieved_fps": worst["achieved_fps"], "sustained": ok,
-            "overloaded": not ok, "frames": len(lats), "errors": sum(int(e) for _, _, e in runs), "runs": len(per),
-            **lat}
+    return {"offered_fps": float(offered_fps), "achieved_fps": min(f["achieved_fps"] for f in per),
+            "sustained": ok, "overloaded": not ok, "frames": len(lats), "errors": sum(int(e) for _, _, e in runs),
+            "runs": len(per), "overloaded_runs": len(per) - len(kept), **lat}
