@@ -212,3 +212,26 @@ def test_a_busy_big_core_that_finishes_first_takes_the_frame_in_its_second_credi
     for _ in range(60):
         d.observe(0, 0.030)
     assert d.pick(0, 0.1) == 1
+
+
+def test_a_worker_past_its_expected_finish_is_not_taken_for_idle():
+    """Two equal workers: one holds a frame past its expected finish, the other is idle. The frame
+    goes to the idle one even when the busy one's moving average is a little faster; a big core
+    that runs over still beats a little core that would take twice as long."""
+    d = Dispatcher()
+    d.add(0, 0, 0.0099)
+    d.add(1, 0, 0.0100)
+    for w in (0, 1):
+        d.set_accepting(w, True)
+    assert d.pick(0, 0.0) == 0
+    d.on_dispatch(0, 0.0)
+    assert d.pick(0, 0.012) == 1, "worker 0 is 2 ms over its time: worker 1 is idle"
+    big = Dispatcher()
+    big.add(0, 0, 0.0087)
+    big.add(1, 0, 0.0176)
+    for w in (0, 1):
+        big.set_accepting(w, True)
+    big.on_dispatch(0, 0.0)
+    assert big.pick(0, 0.010) == 0, "the big core, 1.3 ms over, still finishes a frame first"
+    big.on_dispatch(0, 0.010)
+    assert big.workers[0].busy_until >= 0.010 + 0.1 * 0.0087 + 0.0087 - 1e-9

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 EWMA_WEIGHT = 0.1
+OVERDUE_SHARE = 0.1   # a busy worker past its expected finish: assumed to need this share of a frame more
 
 
 @dataclass
@@ -65,18 +66,28 @@ class Dispatcher:
         for w in self._by_stage.get(stage, ()):
             if not w.accepting or w.outstanding >= w.credits:
                 continue
-            t = max(now, w.busy_until) + w.service_s
+            t = self._free_at(w, now) + w.service_s
             if best is None or t < best_t - 1e-9 or (abs(t - best_t) <= 1e-9 and w.service_s < best.service_s):
                 best, best_t = w, t
         return best.wid if best is not None else None
+
+    @staticmethod
+    def _free_at(w: WorkerSlot, now: float) -> float:
+        """When ``w`` should be free for another frame: now if idle, else when what it holds should be
+        done; a worker past that time still holds its frame, which is then assumed to need another
+        OVERDUE_SHARE of a frame (taken as done now, a frame arriving while one of two equal workers
+        ran over its time went to it instead of to the idle one about every other time)."""
+        if w.outstanding == 0:
+            return now
+        return max(w.busy_until, now + OVERDUE_SHARE * w.service_s)
 
     def has_credit(self, stage: int) -> bool:
         return any(w.accepting and w.outstanding < w.credits for w in self._by_stage.get(stage, ()))
 
     def on_dispatch(self, wid: int, now: float) -> None:
         w = self.workers[wid]
+        w.busy_until = self._free_at(w, now) + w.service_s
         w.outstanding += 1
-        w.busy_until = max(now, w.busy_until) + w.service_s
 
     def on_done(self, wid: int, now: float, service_s: float | None) -> None:
         """A frame of ``wid`` finished at ``now``; ``service_s`` is what it took (None: not measured)."""
