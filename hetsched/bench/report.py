@@ -209,8 +209,10 @@ HOW = [
     "the time from the first completion to the last one before load stopped (fill and drain excluded); the "
     "median over rounds. Rounds alternate the contenders, the order rotated every round.",
     "- **Latency at the offered rate**: every contender gets the same rate, {load:.0%} x the limit, open loop "
-    "(frame k due at t0 + k/f, latency from the due time, so queueing shows). A contender whose throughput "
-    "stays below 95 % of the offered rate (or that drops frames) is reported as overloaded with its achieved "
+    "(frame k due at t0 + k/f, latency from the due time, so queueing shows), in as many rounds as the "
+    "saturated pass, interleaved with the other contenders (all see the same disturbances); percentiles "
+    "over the frames of the rounds that sustained the rate. A contender whose throughput stays below 95 % "
+    "of the offered rate (or that drops frames) in most rounds is reported as overloaded with its achieved "
     "rate, not with percentiles. Saturated latency: onnxruntime = the frame's run time; hetsched = send to "
     "reply with the feed window outstanding.",
     "- **CPU per frame**: CPU time of the contender's processes over its measured windows / frames (per thread "
