@@ -243,8 +243,8 @@ def write_markdown(result: dict, path: str) -> None:
          f"onnxruntime {m['onnxruntime']}; numpy {m['numpy']}",
          f"- **settings**: traffic {', '.join(s['traffic'])}; {s['rounds']} rounds x {s['seconds']} s saturated per "
          f"contender (limit: per core), order rotated every round; then {s['rounds']} rounds x {s['fixed_seconds']} s per "
-         f"contender at {s['load_fraction']:.0%} of the limit, open loop (percentiles over the frames of the rounds "
-         f"that sustained the rate, most must; a contender saturating below the rate runs once); ort-replicas as {s['replicas']}; total "
+         f"contender at {s['load_fraction']:.0%} of the limit, open loop (a contender saturating below that rate "
+         f"runs once); ort-replicas as {s['replicas']}; total "
          f"{result['wall_s']:.0f} s",
          "- **model**: " + ", ".join(sorted({sc["model"] for sc in result["scenarios"]})), "",
          "## Headline", ""] + [f"- {h}" for h in heads] + [

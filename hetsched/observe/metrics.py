@@ -197,11 +197,15 @@ def offered_load(offered_fps: float, completion_times: Sequence[float], latencie
     length)."""
     achieved = throughput_fps(completion_times)
     ok = errors == 0 and len(latencies_ms) >= 2 and achieved >= tolerance * offered_fps
-    lat = latency_summary(latencies_ms) if ok else {"n": len(latencies_ms), "p50_ms": None, "p99_ms": None,
-                                                    "mean_ms": None}
+    lat = latency_summary(latencies_ms) if ok else _withheld(len(latencies_ms))
     return {"offered_fps": float(offered_fps), "achieved_fps": achieved, "sustained": ok, "overloaded": not ok,
             "frames": len(latencies_ms), "errors": int(errors), **lat}
 
+
+def _withheld(n: int) -> dict:
+    """:func:`latency_summary`'s keys for an overloaded run: no percentiles (they would measure only
+    how long the run's queue grew)."""
+    return {"n": n, "p50_ms": None, "p99_ms": None, "mean_ms": None}
 
 
 def offered_load_rounds(offered_fps: float, runs: Sequence[tuple[Sequence[float], Sequence[float], int]],
@@ -215,7 +219,7 @@ def offered_load_rounds(offered_fps: float, runs: Sequence[tuple[Sequence[float]
     kept = [r for r, f in zip(runs, per) if f["sustained"]]
     lats = [v for _, lat, _ in kept for v in lat]
     ok = len(kept) * 2 > len(per) and len(lats) >= 2
-    lat = latency_summary(lats) if ok else {"n": len(lats), "p50_ms": None, "p99_ms": None, "mean_ms": None}
+    lat = latency_summary(lats) if ok else _withheld(len(lats))
     return {"offered_fps": float(offered_fps), "achieved_fps": min(f["achieved_fps"] for f in per),
             "sustained": ok, "overloaded": not ok, "frames": len(lats), "errors": sum(int(e) for _, _, e in runs),
             "runs": len(per), "overloaded_runs": len(per) - len(kept), **lat}
