@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hetsched.observe import metrics
-from hetsched.observe.report import RunData, build_report, predicted_overheads
+from hetsched.observe.report import RunData, build_report, predicted_overheads, stage_figures
 from hetsched.observe.snapshot import read_snapshot
 
 pytestmark = pytest.mark.timeout(30)
@@ -64,8 +64,16 @@ def test_stage_figures_definitions():
     # two workers busy 2.0 s and 1.0 s over 2 s: the stage's is their mean, 0.75
     assert metrics.stage_utilisation(3.0, 2, 2.0) == pytest.approx(np.mean([1.0, 0.5]))
     assert metrics.utilisation(1.0, 0.0) is None and metrics.stage_utilisation(1.0, 0, 1.0) is None
-    assert metrics.stage_period_ms(2.0, 400, 2) == pytest.approx(2.5)
-    assert metrics.stage_period_ms(1.0, 0, 1) is None
+    # two equal workers reported together: busy 2 s for 400 frames -> one frame leaves every 2.5 ms
+    assert metrics.stage_period_ms([(2.0, 400, 2)]) == pytest.approx(2.5)
+    assert metrics.stage_period_ms([(1.0, 0, 1)]) is None
+    # a big core at 8 ms a frame and a little one at 16 ms: 125 + 62.5 frames/s, a frame every 5.33 ms
+    # (the frame-weighted mean time over two workers would say (300*8 + 100*16)/400/2 = 5 ms)
+    assert metrics.stage_period_ms([(2.4, 300, 1), (1.6, 100, 1)]) == pytest.approx(1e3 / 187.5)
+    # predictions weighted by the frames each worker served; a silent worker needs none
+    assert metrics.pool_predicted_ms([(300, 8.0), (100, 16.0)]) == pytest.approx(10.0)
+    assert metrics.pool_predicted_ms([(300, 8.0), (0, None)]) == pytest.approx(8.0)
+    assert metrics.pool_predicted_ms([(0, 8.0)]) is None and metrics.pool_predicted_ms([(5, None)]) is None
     assert metrics.balance([4.0, 6.0, 8.0]) == pytest.approx(8.0 / 6.0)
     assert metrics.balance([5.0, None]) == pytest.approx(1.0) and metrics.balance([]) is None
     assert metrics.prediction_error(12.0, 10.0) == pytest.approx(0.2)
@@ -195,8 +203,36 @@ def test_every_report_gives_the_same_figures_from_the_same_run():
     assert big["utilization"] == pytest.approx(300 * 9e-3 / (2 * wall))
     assert big["measured_period_ms"] == pytest.approx(9.0 / 2)
     assert big["predicted_compute_ms"] == pytest.approx(9.4 - 0.4)
-    assert big["prediction_error"] == pytest.approx((big["compute_ms_p50"] - 9.0) / 9.0)
+    assert big["compute_ms_mean"] == pytest.approx(9.0)
+    assert big["prediction_error"] == pytest.approx((big["compute_ms_mean"] - 9.0) / 9.0)
     assert p["balance"] == pytest.approx(metrics.balance([5.5, 4.5]))
+
+
+def test_a_pool_of_a_big_and_a_little_core_is_judged_on_the_frames_each_served():
+    """A stage served by a big worker (8 ms predicted) and a little one (16 ms) that decode JPEGs:
+    the prediction is weighted by the frames each served (not the slowest member's, which made a
+    pool that ran as predicted show -53 %), utilisation and period count the decoding."""
+    def snap(frames_big, frames_little, t):
+        snap = _snapshot(t, frames_big + frames_little, [
+            {"cluster": "big+little", "cores": [0, 1], "pids": [201, 202], "frames": frames_big + frames_little,
+             "compute_s": frames_big * 8.2e-3 + frames_little * 16.4e-3, "pred": 16.5, "samples": [8.2] * 10}])
+        st = snap["stages"][0]
+        st.update(predicted_compute_ms=16.0, input_s=(frames_big + frames_little) * 4e-3, workers=[
+            {"pid": 201, "cores": [0], "frames": frames_big, "compute_s": frames_big * 8.2e-3,
+             "input_s": frames_big * 4e-3, "predicted_compute_ms": 8.0},
+            {"pid": 202, "cores": [1], "frames": frames_little, "compute_s": frames_little * 16.4e-3,
+             "input_s": frames_little * 4e-3, "predicted_compute_ms": 16.0}])
+        return snap
+
+    st = stage_figures(snap(100, 50, 10.0), snap(400, 150, 14.0), 4.0)[0]
+    assert st["frames"] == 400
+    assert st["predicted_compute_ms"] == pytest.approx((300 * 8.0 + 100 * 16.0) / 400)  # 10 ms
+    assert st["compute_ms_mean"] == pytest.approx((300 * 8.2 + 100 * 16.4) / 400)
+    assert st["prediction_error"] == pytest.approx(0.025)
+    assert st["input_ms"] == pytest.approx(4.0)
+    busy = 300 * 12.2e-3 + 100 * 20.4e-3
+    assert st["utilization"] == pytest.approx(busy / (2 * 4.0))
+    assert st["measured_period_ms"] == pytest.approx(1e3 / (1 / 12.2e-3 + 1 / 20.4e-3))
 
 
 def test_offered_load_over_rounds_pools_the_sustained_rounds_and_needs_most_of_them():

@@ -64,7 +64,8 @@ def hetsched_saturated(slots: Sequence[Slot], core_rates: dict, rss_mb: float | 
         stages.append({"stage": st["stage"], "cluster": st["cluster"], "cores": st["cores"],
                        "replicas": st["replicas"], "threads": st["threads"], "first_layer": st["first_layer"],
                        "last_layer": st["last_layer"], "predicted_ms": _r(st["predicted_ms"]),
-                       "predicted_compute_ms": _r(st["predicted_compute_ms"]), "compute_ms_p50": med("compute_ms_p50"),
+                       "predicted_compute_ms": med("predicted_compute_ms"), "compute_ms_mean": med("compute_ms_mean"),
+                       "compute_ms_p50": med("compute_ms_p50"), "input_ms": med("input_ms"),
                        "send_ms": med("send_ms"), "utilization": med("utilization"),
                        "prediction_error": med("prediction_error")})
     row["stages"] = stages

@@ -15,8 +15,8 @@ NOTES_END = "<!-- notes:end -->"
 HEADER = ["contender", "fps", "fps range", "x limit", "x ort-all", "x ort-replicas", "saturated p50/p99 ms",
           "at offered rate: p50/p99 ms", "CPU ms/frame", "RSS MB"]
 BUDGET_HEADER = ["hetsched process", "CPU ms/frame", "budget", ""]
-STAGE_HEADER = ["stage", "cluster", "replicas x threads", "layers", "plan ms", "predicted compute", "compute p50",
-                "send", "busy % (util)", "pred err"]
+STAGE_HEADER = ["stage", "cluster", "replicas x threads", "layers", "plan ms", "predicted compute", "compute mean",
+                "compute p50", "decode", "send", "busy % (util)", "pred err"]
 MARK = {True: "MET", False: "MISSED", None: "n/a"}
 WORK = {"raw": "raw tensors (model only)", "jpeg": "JPEG photos (decode + preprocess + model)"}
 
@@ -93,7 +93,7 @@ def budget_rows(b: dict) -> list[list[str]]:
 def stage_rows(stages: list[dict]) -> list[list[str]]:
     return [[str(s["stage"]), f"{s['cluster']} {s['cores']}", f"{s['replicas']} x {s['threads']}",
              f"{s['first_layer']}..{s['last_layer']}", _fmt(s["predicted_ms"], 2), _fmt(s["predicted_compute_ms"], 2),
-             _fmt(s["compute_ms_p50"], 2), _fmt(s["send_ms"], 2),
+             _fmt(s["compute_ms_mean"], 2), _fmt(s["compute_ms_p50"], 2), _fmt(s["input_ms"], 2), _fmt(s["send_ms"], 2),
              _fmt(None if s["utilization"] is None else 100 * s["utilization"], 0),
              "-" if s["prediction_error"] is None else f"{s['prediction_error']:+.0%}"] for s in stages]
 
@@ -156,7 +156,9 @@ def _details(sc: dict, kind: str, t: dict, table) -> list[str]:
         L += ["hetsched CPU per frame, saturated (issue 12's budget):", "", table(budget_rows(h["cpu_budget"]),
                                                                                  BUDGET_HEADER), ""]
     if h.get("stages"):
-        L += ["hetsched stages while saturated (medians over rounds; ms per frame):", "",
+        L += ["hetsched stages while saturated (medians over rounds; ms per frame; compute: onnxruntime's run, "
+              "predicted for the frames each worker served; decode: the workers' input decoding; busy: decode + "
+              "compute over wall time; pred err: compute mean vs predicted):", "",
               table(stage_rows(h["stages"]), STAGE_HEADER), ""]
     u = t.get("hetsched_unloaded")
     if u:

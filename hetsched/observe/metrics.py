@@ -12,13 +12,18 @@ Definitions (each function below states its own in full):
   the window's end leaves out the drain. :func:`throughput_fps`.
 * **latency percentiles** (ms): numpy's ``"linear"`` interpolation (``np.percentile`` default),
   p50 and p99. :func:`percentile`, :func:`latency_summary`.
-* **utilisation**: a worker's compute seconds (its onnxruntime run time) over wall seconds; a stage's
-  is the mean over its workers. :func:`utilisation`, :func:`stage_utilisation`.
-* **stage period** (ms): mean compute time per frame divided by the number of the stage's workers
-  (the time between two frames leaving a saturated stage). :func:`stage_period_ms`.
+* **busy seconds** of a worker: its own work on frames: decoding or converting their input (encoded
+  images, camera pixels) when it does, plus onnxruntime's run.
+* **utilisation**: a worker's busy seconds over wall seconds; a stage's is the mean over its
+  workers. :func:`utilisation`, :func:`stage_utilisation`.
+* **stage period** (ms): the time between two frames leaving the stage while it is saturated: one
+  over the sum of its workers' rates, each worker's rate its frames over its busy seconds (equal
+  workers: busy time per frame / workers). :func:`stage_period_ms`.
 * **balance**: slowest stage period / mean stage period (1.0 = perfectly balanced). :func:`balance`.
-* **prediction error**: ``(measured - predicted) / predicted``, both on the same basis (stage
-  figures: onnxruntime compute time only, no overheads on either side). :func:`prediction_error`.
+* **prediction error**: ``(measured - predicted) / predicted``, both on the same basis: for a stage,
+  its mean onnxruntime time per frame against its workers' predicted onnxruntime times, each weighted
+  by the frames that worker served (a pool of a big and a little core is judged on the mix it
+  really served); no overheads on either side. :func:`pool_predicted_ms`, :func:`prediction_error`.
 * **efficiency**: throughput / limit. :func:`efficiency`.
 * **CPU per frame** (ms): CPU seconds over frames; *beyond onnxruntime*: process CPU seconds minus
   the onnxruntime run CPU seconds the process reported, over its frames. :func:`per_frame_ms`,
@@ -131,28 +136,40 @@ def efficiency(throughput: float | None, limit: float | None) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------ stages
-def utilisation(compute_s: float, wall_s: float) -> float | None:
-    """A worker's utilisation: its compute seconds (onnxruntime run time) / wall seconds."""
+def utilisation(busy_s: float, wall_s: float) -> float | None:
+    """A worker's utilisation: its busy seconds (input decoding or conversion + onnxruntime run) /
+    wall seconds."""
     if not _finite(wall_s) or wall_s <= 0:
         return None
-    return float(compute_s) / float(wall_s)
+    return float(busy_s) / float(wall_s)
 
 
-def stage_utilisation(compute_s: float, workers: int, wall_s: float) -> float | None:
-    """A stage's utilisation: the mean of its workers' :func:`utilisation`, i.e. the compute seconds
+def stage_utilisation(busy_s: float, workers: int, wall_s: float) -> float | None:
+    """A stage's utilisation: the mean of its workers' :func:`utilisation`, i.e. the busy seconds
     summed over its ``workers`` divided by ``workers * wall_s``."""
     if workers <= 0:
         return None
-    u = utilisation(compute_s, wall_s)
+    u = utilisation(busy_s, wall_s)
     return None if u is None else u / workers
 
 
-def stage_period_ms(compute_s: float, frames: int, workers: int) -> float | None:
-    """A stage's measured period: mean compute ms per frame (compute seconds summed over its workers
-    / frames) divided by its number of workers."""
-    if frames <= 0 or workers <= 0:
+def stage_period_ms(accounts: Sequence[tuple[float, int, int]]) -> float | None:
+    """A stage's measured period from ``(busy seconds, frames, workers)`` per account (one worker, or
+    several equal ones reported together): ``1 / sum(workers * frames / busy seconds)`` in ms, the
+    time between two frames leaving the stage while every worker is kept busy. Accounts without
+    frames add no rate; None when none has any."""
+    rate = sum(n * f / b for b, f, n in accounts if f > 0 and n > 0 and _finite(b) and b > 0)
+    return 1e3 / rate if rate > 0 else None
+
+
+def pool_predicted_ms(served: Sequence[tuple[int, float | None]]) -> float | None:
+    """The predicted time per frame of a stage over the frames it served: ``(frames, predicted ms)``
+    per worker (or account), the mean of the predictions weighted by frames. None without frames
+    or when a worker that served frames has no prediction."""
+    total = sum(f for f, _ in served if f > 0)
+    if total <= 0 or any(f > 0 and not _finite(p) for f, p in served):
         return None
-    return 1e3 * float(compute_s) / frames / workers
+    return sum(f * float(p) for f, p in served if f > 0) / total
 
 
 def balance(periods_ms: Sequence[float | None]) -> float | None:

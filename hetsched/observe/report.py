@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 from hetsched.observe import metrics
-from hetsched.observe.snapshot import StageCounters, read_snapshot
+from hetsched.observe.snapshot import Account, StageCounters, read_snapshot
 
 
 @dataclass
@@ -50,38 +50,58 @@ def _predicted_compute(st: StageCounters, overhead: Mapping[str, float] | None) 
     return st.predicted_ms - overhead[st.cluster]
 
 
+def _window_accounts(b: StageCounters | None, a: StageCounters) -> list[tuple[Account, int, float, float]]:
+    """Per account of ``a``: (account, frames, onnxruntime seconds, input seconds) inside the window
+    (an account not in ``b``, e.g. a restarted worker's, counts from zero)."""
+    before = {acc.pids: acc for acc in (b.accounts if b is not None else ())}
+    out = []
+    for acc in a.accounts:
+        prev = before.get(acc.pids)
+        out.append((acc, acc.frames - (prev.frames if prev else 0), acc.compute_s - (prev.compute_s if prev else 0.0),
+                    acc.input_s - (prev.input_s if prev else 0.0)))
+    return out
+
+
 def stage_figures(before: dict, after: dict, wall_s: float,
                   predicted_overhead_ms: Mapping[str, float] | None = None) -> list[dict]:
     """Per stage over the window between two snapshots (``wall_s`` long): frames, compute ms per
-    frame (mean, p50, p99 of the window's samples), wait/send ms per frame, period, utilisation and
-    the compute prediction error, all by hetsched.observe.metrics."""
+    frame (mean, p50, p99 of the window's samples), input decoding, wait and send ms per frame,
+    period, utilisation and the compute prediction error, all by hetsched.observe.metrics."""
     out = []
     b_all, a_all = read_snapshot(before), read_snapshot(after)
     # a re-plan inside the window: the new plan's workers count from their start, so the window's
     # figures are those of the plan running at its end, since it started
     switched = before.get("plan") != after.get("plan")
     for b, a in zip(b_all.stages if not switched else [None] * len(a_all.stages), a_all.stages):
+        accounts = _window_accounts(b, a)
         if b is None:
-            b = replace(a, frames=0, compute_s=0.0, wait_s=0.0, send_s=0.0)
+            b = replace(a, frames=0, compute_s=0.0, wait_s=0.0, send_s=0.0, input_s=0.0)
         frames = a.frames - b.frames
         compute_s = a.compute_s - b.compute_s
+        busy_s = compute_s + a.input_s - b.input_s
         new = max(0, min(frames, len(a.samples_ms)))
         samples = a.samples_ms[-new:] if new else ()
-        p50 = metrics.percentile(samples, 50)
-        predicted = _predicted_compute(a, predicted_overhead_ms)
+        stage_predicted = _predicted_compute(a, predicted_overhead_ms)
+        # each worker's prediction (its cluster's), weighted by the frames it served
+        predicted = metrics.pool_predicted_ms([
+            (f, acc.predicted_compute_ms if acc.predicted_compute_ms is not None else stage_predicted)
+            for acc, f, _, _ in accounts]) if frames > 0 else stage_predicted
+        mean = metrics.per_frame_ms(compute_s, frames)
         out.append({
             "stage": a.stage, "cluster": a.cluster, "cores": list(a.cores), "replicas": a.workers,
             "threads": a.threads, "pids": [p for acc in a.accounts for p in acc.pids], "layers": list(a.layers),
             "first_layer": a.first_layer, "last_layer": a.last_layer, "frames": frames,
             "predicted_ms": a.predicted_ms, "predicted_compute_ms": predicted,
             "predicted_period_ms": a.predicted_period_ms,
-            "compute_ms_mean": metrics.per_frame_ms(compute_s, frames), "compute_ms_p50": p50,
+            "compute_ms_mean": mean, "compute_ms_p50": metrics.percentile(samples, 50),
             "compute_ms_p99": metrics.percentile(samples, 99),
+            "input_ms": metrics.per_frame_ms(a.input_s - b.input_s, frames),
             "wait_ms": metrics.per_frame_ms(a.wait_s - b.wait_s, frames),
             "send_ms": metrics.per_frame_ms(a.send_s - b.send_s, frames),
-            "measured_period_ms": metrics.stage_period_ms(compute_s, frames, a.workers),
-            "utilization": metrics.stage_utilisation(compute_s, a.workers, wall_s),
-            "prediction_error": metrics.prediction_error(p50, predicted),
+            "measured_period_ms": metrics.stage_period_ms([(c + i, f, len(acc.pids) or 1)
+                                                           for acc, f, c, i in accounts]),
+            "utilization": metrics.stage_utilisation(busy_s, a.workers, wall_s),
+            "prediction_error": metrics.prediction_error(mean, predicted),
         })
     return out
 
@@ -113,6 +133,7 @@ def build_report(run: RunData) -> dict:
             "predicted_bottleneck_stage": plan["bottleneck_stage"],
             "balance": metrics.balance(periods), "predicted_balance": plan["balance"],
             "limit_fps": limit, "efficiency": metrics.efficiency(throughput, limit),
+            "replanned": run.before.get("plan") != run.after.get("plan"),
         },
     }
 
@@ -125,14 +146,14 @@ def _f(x: float | None, fmt: str = "{:.2f}") -> str:
 
 
 def format_report(report: dict) -> str:
-    head = ("stage", "cluster", "cores", "r x t", "layers", "plan ms", "pred compute", "p50 ms", "p99 ms", "wait ms",
-            "send ms", "util", "pred err")
+    head = ("stage", "cluster", "cores", "r x t", "layers", "plan ms", "pred compute", "mean ms", "p50 ms", "p99 ms",
+            "decode ms", "wait ms", "send ms", "util", "pred err")
     rows = [head]
     for s in report["stages"]:
         rows.append((str(s["stage"]), s["cluster"], ",".join(map(str, s["cores"])), f"{s['replicas']}x{s['threads']}",
                      f"{s['layers'][0]} .. {s['layers'][1]}", _f(s["predicted_ms"]), _f(s["predicted_compute_ms"]),
-                     _f(s["compute_ms_p50"]),
-                     _f(s["compute_ms_p99"]), _f(s["wait_ms"]), _f(s["send_ms"]),
+                     _f(s["compute_ms_mean"]), _f(s["compute_ms_p50"]), _f(s["compute_ms_p99"]), _f(s["input_ms"]),
+                     _f(s["wait_ms"]), _f(s["send_ms"]),
                      _f(s["utilization"], "{:.0%}"), _f(s["prediction_error"], "{:+.0%}")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
@@ -150,8 +171,12 @@ def format_report(report: dict) -> str:
         f"(sum of each core's standalone single-thread rate for the same work: {_WORK[p['traffic']]})",
         f"frames          sent {p['sent']}, received {p['received']}, errors {p['errors']} in {p['window_s']:.1f} s",
     ]
-    lines.append("(plan ms: the planner's stage time with its overheads; pred compute: its onnxruntime-only part, "
-                 "compared with the measured compute p50 in pred err)")
+    if p.get("replanned"):
+        lines.append("re-planned      during the window: the stage figures are the new plan's, since it started")
+    lines.append("(plan ms: the planner's stage time with its overheads, a pool's slowest member's; pred compute: "
+                 "its onnxruntime-only part for the frames each worker served, against the measured mean in pred err; "
+                 "mean/p50/p99: onnxruntime's run; decode: the workers' input decoding or conversion; util: decode + "
+                 "run over wall time)")
     return "\n".join(lines)
 
 

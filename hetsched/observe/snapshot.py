@@ -23,6 +23,8 @@ class Account:
     errors: int
     compute_s: float                    # onnxruntime run time, wall seconds, summed over the pids
     compute_cpu_s: float | None = None  # onnxruntime run time, CPU seconds, when the workers report it
+    input_s: float = 0.0                # decoding / converting their inputs (images, pixels), wall seconds
+    predicted_compute_ms: float | None = None  # the plan's onnxruntime time per frame on these workers
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class StageCounters:
     compute_s: float
     wait_s: float
     send_s: float
+    input_s: float                      # the workers' input decoding / conversion, wall seconds
     samples_ms: tuple[float, ...]       # recent per-frame compute times, oldest first
     predicted_ms: float                 # the plan's stage time (may include overheads, see below)
     predicted_compute_ms: float | None  # the plan's onnxruntime-only time, if the snapshot carries it
@@ -75,10 +78,11 @@ def read_snapshot(snap: dict) -> ServiceCounters:
     ``frames``, ``errors``, ``compute_s``, ``wait_s``, ``send_s`` (summed over the replicas),
     ``samples_ms``, ``predicted_ms`` and ``predicted_period_ms``. Optional, used when present:
     ``stages[i]["workers"]`` (per-worker counters: ``pid``, ``cores``, ``frames``, ``errors``,
-    ``compute_s``, ``compute_cpu_s``), ``stages[i]["compute_cpu_s"]`` and
-    ``stages[i]["predicted_compute_ms"]``. ``compute_s`` is the workers' own work per frame (today:
-    input decode/preprocessing when the worker does it + onnxruntime's run), wall seconds;
-    ``compute_cpu_s`` the same in CPU seconds."""
+    ``compute_s``, ``compute_cpu_s``, ``input_s``, ``predicted_compute_ms``),
+    ``stages[i]["compute_cpu_s"]``, ``stages[i]["input_s"]`` and ``stages[i]["predicted_compute_ms"]``.
+    ``compute_s`` is onnxruntime's run time, wall seconds (``compute_cpu_s``: its CPU seconds, with
+    the input conversion); ``input_s`` the time the workers spent decoding or converting their
+    inputs (encoded images, camera pixels) before the run."""
     plan_stages = {p.get("index"): p for p in (snap.get("plan") or {}).get("stages", [])}
     stages = []
     for s in snap["stages"]:
@@ -86,12 +90,13 @@ def read_snapshot(snap: dict) -> ServiceCounters:
         per_worker = s.get("workers") if isinstance(s.get("workers"), list) else None
         if per_worker:
             accounts = tuple(Account(idx, (int(w["pid"]),), tuple(w.get("cores", s["cores"])), int(w["frames"]),
-                                     int(w.get("errors", 0)), float(w["compute_s"]), w.get("compute_cpu_s"))
+                                     int(w.get("errors", 0)), float(w["compute_s"]), w.get("compute_cpu_s"),
+                                     float(w.get("input_s", 0.0)), w.get("predicted_compute_ms"))
                              for w in per_worker)
         else:
             accounts = (Account(idx, tuple(int(p) for p in s.get("pids", []) if p is not None), tuple(s["cores"]),
                                 int(s["frames"]), int(s.get("errors", 0)), float(s["compute_s"]),
-                                s.get("compute_cpu_s")),)
+                                s.get("compute_cpu_s"), float(s.get("input_s", 0.0)), s.get("predicted_compute_ms")),)
         ps = plan_stages.get(idx, {})
         stages.append(StageCounters(
             stage=idx, cluster=str(s["cluster"]), cores=tuple(s["cores"]),
@@ -99,6 +104,7 @@ def read_snapshot(snap: dict) -> ServiceCounters:
             layers=tuple(s.get("layers") or ("?", "?")), first_layer=ps.get("first_layer"),
             last_layer=ps.get("last_layer"), frames=int(s["frames"]), errors=int(s.get("errors", 0)),
             compute_s=float(s["compute_s"]), wait_s=float(s.get("wait_s", 0.0)), send_s=float(s.get("send_s", 0.0)),
+            input_s=float(s.get("input_s", 0.0)),
             samples_ms=tuple(s.get("samples_ms") or ()), predicted_ms=float(s["predicted_ms"]),
             predicted_compute_ms=s.get("predicted_compute_ms"),
             predicted_period_ms=float(s.get("predicted_period_ms", s["predicted_ms"])), accounts=accounts))

@@ -15,10 +15,10 @@ def stage_status(snap: dict, prev: dict | None = None) -> list[dict]:
     for i, st in enumerate(now.stages):
         b = before.stages[i] if before is not None and i < len(before.stages) else None
         wall = now.uptime_s - (before.uptime_s if b is not None else 0.0)
-        compute = st.compute_s - (b.compute_s if b is not None else 0.0)
+        busy = st.compute_s + st.input_s - ((b.compute_s + b.input_s) if b is not None else 0.0)
         rows.append({"stage": st.stage, "cluster": st.cluster, "cores": list(st.cores), "replicas": st.workers,
                      "threads": st.threads, "frames": st.frames,
-                     "utilization": metrics.stage_utilisation(compute, st.workers, wall),
+                     "utilization": metrics.stage_utilisation(busy, st.workers, wall),
                      "predicted_ms": st.predicted_ms, "compute_ms_p50": metrics.percentile(st.samples_ms, 50)})
     return rows
 

@@ -9,6 +9,7 @@ import time
 import numpy as np
 
 from hetsched.model.pixels import PIXEL_ENCODINGS
+from hetsched.observe.metrics import stage_utilisation
 from hetsched.wire import client_protocol as cp
 
 
@@ -45,14 +46,14 @@ def snapshot(server, samples: int = 2000) -> dict:
     names = server.pipe.plan.layer_names
     stages = []
     for st, agg in zip(server.pipe.plan.stages, server.pipe.stage_stats()):
-        busy = agg["compute_s"] / max(agg["replicas"], 1)
         recent = agg["samples"][-samples:]
         stages.append({"stage": st.index, "cluster": st.cluster, "cores": list(st.cores),
                        "replicas": st.replicas, "threads": st.threads, "pids": agg["pids"],
                        "layers": [names[st.first_layer], names[st.last_layer]],
                        "frames": agg["frames"], "errors": agg["errors"],
                        "compute_s": agg["compute_s"], "wait_s": agg["wait_s"], "send_s": agg["send_s"],
-                       "utilization": busy / uptime if uptime > 0 else 0.0,
+                       "utilization": stage_utilisation(agg["compute_s"] + agg["input_s"], agg["replicas"],
+                                                    uptime) or 0.0,
                        "compute_ms_p50": float(np.percentile(recent, 50) * 1e3) if recent else None,
                        "samples_ms": [round(x * 1e3, 4) for x in recent],
                        "predicted_ms": st.compute_ms, "predicted_period_ms": st.period_ms,
