@@ -54,6 +54,10 @@ def load_cfg(args: argparse.Namespace):
     if getattr(args, "labels", None):
         import dataclasses
         cfg = cfg.with_overrides(input=dataclasses.replace(cfg.input, labels=os.path.abspath(args.labels)))
+    if getattr(args, "no_replan", False):
+        import dataclasses
+        cfg = cfg.with_overrides(planner=dataclasses.replace(
+            cfg.planner, replan=dataclasses.replace(cfg.planner.replan, enabled=False)))
     if getattr(args, "input_shape", None):
         from hetsched.config import ModelInputConfig
         cfg = cfg.with_overrides(model_input=ModelInputConfig(parse_shape(args.input_shape)))

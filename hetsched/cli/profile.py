@@ -100,6 +100,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         for p in write_outputs(args.out, result, extra):
             print(f"wrote {p}")
 
+    args.no_replan = not args.replan
     return serve(args, driver, finish, with_preprocess=True, encoded=bool(images))
 
 
@@ -156,6 +157,9 @@ def add_parser(sub, common) -> None:
     sp.add_argument("--bind", help="client socket (default: a private ipc:// socket)")
     sp.add_argument("--labels", help=argparse.SUPPRESS)
     sp.add_argument("--drain-timeout", type=float, default=10.0)
+    sp.add_argument("--replan", action="store_true",
+                    help="let the service re-plan while it is measured (default: the plan it printed is held, "
+                         "so the report measures that plan; a drifting core shows as prediction error)")
     add_client_key_arguments(sp)
     sp.set_defaults(func=cmd_profile)
 
